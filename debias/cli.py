@@ -1,0 +1,91 @@
+"""Command line: ``debias train | explain | compare``. ``main(argv)`` takes a list, so tests call it directly.
+
+Errors the user can fix (bad recipe, missing file) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import DebiasError
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe TOML file, e.g. recipes/colored_digits.toml")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override recipe keys (values are TOML literals); repeatable")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="debias", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a standalone model with a method, evaluate and explain it")
+    _add_recipe_args(p)
+    p.add_argument("--method", help="training method (overrides train.method)")
+    p.add_argument("--out", required=True, help="run directory")
+    p = sub.add_parser("explain", help="explain a trained run's model with the grafted CLIP")
+    _add_recipe_args(p)
+    p.add_argument("--checkpoint", required=True, help="a train run directory")
+    p.add_argument("--out", required=True, help="directory for explain.json and the plot")
+    p = sub.add_parser("compare", help="before/after tables and plots across run directories")
+    p.add_argument("runs", nargs="+", help="train run directories")
+    p.add_argument("--out", required=True, help="directory for compare.json, report.md and plots")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .io import check_writable
+    from .recipe import load_recipe
+    from .train.loop import Trainer
+
+    overrides = list(args.overrides) + ([f"train.method={args.method}"] if args.method else [])
+    recipe = load_recipe(args.recipe, overrides)
+    out = Path(args.out)
+    trainer = Trainer(recipe, out, progress=not args.no_progress)
+    check_writable(out)
+    metrics = trainer.fit()
+    _print_summary(metrics, out)
+    return 0
+
+
+def _print_summary(metrics: dict, out: Path) -> None:
+    print(f"run directory: {out}")
+    for name, m in metrics["splits"].items():
+        print(f"  {name:<10} accuracy {m['accuracy']:.3f}   worst group {m['worst_group_accuracy']:.3f}")
+    ex = metrics["explain"]
+    scores = ", ".join(f"{k} {v:.2f} (control {ex['control'][k]:.2f})" for k, v in ex["scores"].items())
+    print(f"concept scores: {scores}")
+    print(f"dominant concept: {ex['dominant_concept']}")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .commands import explain_run
+
+    explain_run(args.recipe, args.overrides, Path(args.checkpoint), Path(args.out), progress=not args.no_progress)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs
+
+    compare_runs([Path(r) for r in args.runs], Path(args.out))
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": _train, "explain": _explain, "compare": _compare}[args.command](args)
+    except DebiasError as exc:
+        print(f"debias {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"debias {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

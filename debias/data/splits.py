@@ -1,0 +1,71 @@
+"""The dataset surface every loader returns: labelled splits with a spurious attribute and group names.
+
+A split holds images in [0, 1] (RGB, CHW), the class label, and the spurious attribute's value. Groups are
+``(label, attribute)`` pairs named ``"<class>|<attribute>"`` (``"5|red"``); they are for evaluation only.
+Normalisation is left to each model, so the CNN and CLIP can each use their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Split(Dataset):
+    """One split held in memory: images ``(N, 3, H, W)`` in [0, 1], labels ``(N,)``, attributes ``(N,)``.
+
+    ``render`` (optional) re-draws the images for a new epoch (fresh augmentation and colours), deterministic
+    in ``(seed, epoch)``; evaluation splits have none and stay fixed.
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    attrs: torch.Tensor
+    class_names: list[str]
+    attr_names: list[str]
+    render: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    epoch: int = -1
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.images[i], int(self.labels[i]), int(self.attrs[i])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-render for ``epoch`` when the split is re-drawn each epoch (the training split)."""
+        if self.render is not None and epoch != self.epoch:
+            self.images, self.labels, self.attrs = self.render(epoch)
+            self.epoch = epoch
+
+    @property
+    def groups(self) -> torch.Tensor:
+        """Group index ``label * n_attrs + attr``."""
+        return self.labels * len(self.attr_names) + self.attrs
+
+    def group_names(self) -> list[str]:
+        return [f"{c}|{a}" for c in self.class_names for a in self.attr_names]
+
+
+@dataclass
+class DatasetBundle:
+    """All splits of one dataset. ``unlabeled`` (may be None) is the stream whose spurious attribute varies
+    independently of the label; its labels are kept for evaluation only and never given to a method."""
+
+    splits: dict[str, Split]
+    class_names: list[str]
+    attr_names: list[str]
+    attribute: str
+    """Name of the spurious attribute (``color`` for coloured digits)."""
+    unlabeled: Split | None = None
+    probe_independent: Split | None = None
+    """Images for matching whose attribute varies independently of the label (None: use ``unlabeled``)."""
+    shift_splits: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)

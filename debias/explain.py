@@ -1,0 +1,128 @@
+"""The explanation pipeline: match on probe images, graft, read concepts, and compare with random matchings."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .concepts import ConceptSet, dominant, read_concepts
+from .data.splits import DatasetBundle, Split
+from .errors import DebiasError
+from .models.clip import ClipModel
+from .models.standalone import StandaloneModel
+from .recipe import Recipe
+from .surgery.graft import GraftedCLIP
+from .surgery.matching import Matching, MatchingStats, random_matching, select_matches
+
+
+def probe_split(recipe: Recipe, bundle: DatasetBundle) -> Split:
+    """Images the matching runs on: the biased training images, or images whose attribute varies independently."""
+    if recipe.matching.probe == "train":
+        return bundle.splits["train"]
+    split = bundle.probe_independent or bundle.unlabeled
+    if split is None:
+        raise DebiasError("matching.probe = 'independent' needs images whose spurious attribute varies "
+                          "independently of the label (an unlabeled stream); this dataset has none, "
+                          "set matching.probe = 'train'")
+    return split
+
+
+def _batches(split: Split, batch_size: int, limit: int):
+    n = min(limit, len(split))
+    for start in range(0, n, batch_size):
+        yield split.images[start:min(start + batch_size, n)]
+
+
+@torch.no_grad()
+def compute_matching(model: StandaloneModel, clip: ClipModel, split: Split, recipe: Recipe,
+                     device: torch.device, progress: bool = True, reduce=None) -> Matching:
+    """Stream the probe images through both models and select matched channels (memory independent of N).
+
+    ``reduce`` (optional) sums the statistics across processes before selection (DDP).
+    """
+    m = recipe.matching
+    taps = m.standalone_taps or model.tap_names
+    stitch_stages = tuple(recipe.graft.stages) if recipe.graft.mode == "stitch" else ()
+    bad = [t for t in taps if t not in model.tap_channels]
+    if bad:
+        raise DebiasError(f"matching.standalone_taps = {taps!r}: {bad} are not taps of {model.name}; "
+                          f"its taps are {model.tap_names}")
+    stats = MatchingStats({t: model.tap_channels[t] for t in taps}, clip.stage_channels(), stitch_stages)
+    training = model.training
+    model.eval()
+    n = min(m.num_images, len(split))
+    bar = tqdm(total=n, desc="matching", unit="img", disable=not progress, leave=False)
+    for images in _batches(split, m.batch_size, m.num_images):
+        images = images.to(device)
+        _, s_taps = model.forward_taps(images)
+        stats.update({t: s_taps[t] for t in stats.standalone}, clip.stages(images))
+        bar.update(images.shape[0])
+    bar.close()
+    model.train(training)
+    if reduce is not None:
+        reduce(stats)
+    return select_matches(stats, m.selection, m.threshold, stages=None,
+                          stitch_ridge=recipe.graft.stitch_ridge if stitch_stages else None)
+
+
+def build_graft(clip: ClipModel, matching: Matching, recipe: Recipe) -> GraftedCLIP:
+    g = recipe.graft
+    return GraftedCLIP(clip, matching, g.stages, g.mode, g.unmatched)
+
+
+@torch.no_grad()
+def embed(model: StandaloneModel, graft: GraftedCLIP, clip: ClipModel, split: Split, device: torch.device,
+          batch_size: int = 256, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grafted and plain-CLIP embeddings of a split."""
+    training = model.training
+    model.eval()
+    g_out, c_out = [], []
+    n = len(split) if limit is None else min(limit, len(split))
+    for images in _batches(split, batch_size, n):
+        images = images.to(device)
+        _, taps = model.forward_taps(images)
+        g_out.append(graft(images, taps).float().cpu())
+        c_out.append(clip.encode_image(images).float().cpu())
+    model.train(training)
+    return torch.cat(g_out), torch.cat(c_out)
+
+
+def text_embeddings(clip: ClipModel, concepts: list[ConceptSet]) -> dict[str, torch.Tensor]:
+    return {c.name: clip.encode_text(c.captions).cpu() for c in concepts}
+
+
+@torch.no_grad()
+def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, recipe: Recipe, split: Split,
+                  concepts: list[ConceptSet], device: torch.device, progress: bool = True) -> dict:
+    """Concept scores of the grafted model on ``split``, the dominant concept and the random-matching control."""
+    text = text_embeddings(clip, concepts)
+    graft = build_graft(clip, matching, recipe).to(device)
+    g_emb, c_emb = embed(model, graft, clip, split, device)
+    readout = read_concepts(g_emb, c_emb, split.labels, split.attrs, concepts, text)
+    scores = readout.scores()
+    draws = []
+    gen = torch.Generator().manual_seed(recipe.seed + 12345)
+    for _ in tqdm(range(recipe.explain.control_draws), desc="control", leave=False, disable=not progress):
+        rand = random_matching(matching, model.tap_channels, gen)
+        rg = build_graft(clip, rand, recipe).to(device)
+        rg_emb, _ = embed(model, rg, clip, split, device)
+        draws.append(read_concepts(rg_emb, c_emb, split.labels, split.attrs, concepts, text).scores())
+    control = {c.name: (sum(d[c.name] for d in draws) / len(draws)) if draws else float("nan") for c in concepts}
+    control_std = {c.name: (torch.tensor([d[c.name] for d in draws]).std().item() if len(draws) > 1 else 0.0)
+                   for c in concepts}
+    return {
+        "dominant_concept": dominant(scores),
+        "scores": scores,
+        "control": control,
+        "control_std": control_std,
+        "control_draws": len(draws),
+        "graft_accuracy": readout.graft,
+        "clip_accuracy": readout.clip,
+        "chance": readout.chance,
+        "paper_votes": readout.paper_votes,
+        "roles": {c.name: c.role for c in concepts},
+        "captions": {c.name: c.captions for c in concepts},
+        "split": split.name,
+        "num_images": len(split),
+        "graft": graft.summary(),
+        "probe": recipe.matching.probe,
+    }

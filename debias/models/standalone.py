@@ -1,0 +1,70 @@
+"""The standalone model: any timm CNN by name, giving logits and stage taps from one forward pass."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import DebiasError, did_you_mean
+
+
+class StandaloneModel(nn.Module):
+    """A timm CNN that takes images in [0, 1] and normalises them with its own pretrained mean/std.
+
+    ``forward(x)`` gives logits; ``forward_taps(x)`` gives logits and the stage outputs (the taps matched
+    against CLIP), using timm's ``forward_intermediates`` + ``forward_head`` so nothing runs twice.
+    """
+
+    def __init__(self, name: str, num_classes: int, pretrained: bool = False, checkpoint: str = ""):
+        super().__init__()
+        self.name = name
+        self.net = create_timm_model(name, num_classes, pretrained, checkpoint)
+        if not hasattr(self.net, "forward_intermediates"):
+            raise DebiasError(f"model.name = {name!r}: this timm model has no forward_intermediates; "
+                              "pick a CNN such as resnet18, resnet50 or convnext_tiny")
+        cfg = self.net.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1),
+                             persistent=False)
+        self.tap_names: list[str] = [info["module"] for info in self.net.feature_info]
+        self.tap_channels: dict[str, int] = {info["module"]: info["num_chs"] for info in self.net.feature_info}
+        self.num_classes = num_classes
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        final, intermediates = self.net.forward_intermediates(self.normalize(x))
+        logits = self.net.forward_head(final)
+        return logits, dict(zip(self.tap_names, intermediates))
+
+
+def create_timm_model(name: str, num_classes: int, pretrained: bool, checkpoint: str) -> nn.Module:
+    """timm's ``create_model``; a local weights file goes through timm's pretrained loader, which adapts the
+    classifier to ``num_classes``. Unknown names list the close ones."""
+    if name not in timm.list_models():
+        close = did_you_mean(name, timm.list_models(), n=5)
+        raise DebiasError(f"model.name = {name!r}: not a timm model{close}; see timm.list_models()")
+    kwargs: dict = {"num_classes": num_classes}
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise DebiasError(f"model.checkpoint = {checkpoint!r}: file not found; give the path of a local "
+                              "weights file (.safetensors, .pth or .bin) for this timm model")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    elif pretrained:
+        kwargs["pretrained"] = True
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if pretrained and not checkpoint:
+            raise DebiasError(f"model.pretrained = true for {name!r}: weights are not in the local cache and "
+                              f"cannot be downloaded ({type(exc).__name__}); set model.checkpoint to a local "
+                              "weights file or put them in the Hugging Face cache (HF_HOME)") from None
+        raise DebiasError(f"model {name!r} could not be created from {checkpoint or 'scratch'}: {exc}") from None

@@ -1,0 +1,397 @@
+"""Recipes: TOML files of plain values, validated into dataclasses, with ``--set key=value`` overrides.
+
+Every field has a default, so a recipe only states what differs. Validation is data-driven: a field's
+``metadata`` may carry ``choices`` or a ``range``; an unknown key, a wrong type or an out-of-range value
+raises :class:`RecipeError` with a one-line message naming the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError, did_you_mean
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass
+class DataCfg:
+    """Which images, which classes and how strongly the spurious attribute follows the label."""
+
+    name: str = field(default="colored_digits", metadata=_choices("colored_digits", "colored_mnist", "folder"))
+    classes: list[int] = field(default_factory=lambda: [5, 8])
+    colors: list[str] = field(default_factory=lambda: ["red", "green"])
+    bias: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    image_size: int = field(default=32, metadata=_range(8, 1024))
+    augment: bool = True
+    """Small random affine jitter (translate, rotate, scale) on every rendered image."""
+    split_fractions: dict[str, float] = field(default_factory=lambda: {
+        "train": 0.40, "val": 0.10, "test": 0.10, "shifted": 0.10, "swapped": 0.10, "grayscale": 0.10,
+        "unlabeled": 0.10,
+    })
+    """Fractions of each class's base images per split; base images are split first, so no two splits share one."""
+    train_copies: int = field(default=4, metadata=_range(1, 1000))
+    """Renders of each training base image per epoch (fresh augmentation and, below bias 1.0, fresh colour)."""
+    eval_copies: int = field(default=4, metadata=_range(1, 1000))
+    """Renders of each evaluation base image (fixed by the seed)."""
+    unlabeled_copies: int = field(default=16, metadata=_range(1, 1000))
+    """Renders of each unlabeled-stream base image (the stream and the ``independent`` probe images)."""
+    root: str = ""
+    """Local data folder (MNIST in torchvision layout, or the folder dataset's images)."""
+    download: bool = False
+    metadata: str = ""
+    """Folder datasets: the metadata CSV, relative to ``root`` unless absolute."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Folder datasets: CSV column names for ``file``, ``label``, ``split`` and ``attribute``."""
+    attribute_values: list[str] = field(default_factory=list)
+    """Folder datasets: names of the spurious attribute's values (index = value in the CSV)."""
+    class_names: list[str] = field(default_factory=list)
+    train_per_class: int = field(default=0, metadata=_range(0, None))
+    """Real datasets: images per class for training (0 = all); the paper uses 5,000."""
+    test_per_class: int = field(default=0, metadata=_range(0, None))
+
+
+@dataclass
+class ModelCfg:
+    """The standalone timm CNN."""
+
+    name: str = "resnet18"
+    pretrained: bool = False
+    checkpoint: str = ""
+    """A local weights file for the standalone model (timm's ``checkpoint_path``)."""
+
+
+@dataclass
+class ClipCfg:
+    """Which CLIP explains the standalone model."""
+
+    name: str = "digits"
+    """``digits`` (the shipped digits CLIP) or an open_clip ResNet config name such as ``RN50-quickgelu``."""
+    pretrained: str = ""
+    """Weights for an open_clip model: a local file path, or a tag (``openai``) found in the hub cache."""
+    cache_dir: str = ""
+
+
+@dataclass
+class MatchingCfg:
+    """How standalone channels are matched to CLIP channels."""
+
+    probe: str = field(default="independent", metadata=_choices("train", "independent"))
+    """``train``: the biased training images (what a user has); ``independent``: images whose spurious
+    attribute varies independently of the label (the unlabeled stream's base images)."""
+    num_images: int = field(default=512, metadata=_range(8, None))
+    batch_size: int = field(default=128, metadata=_range(1, None))
+    selection: str = field(default="paper", metadata=_choices("paper", "mutual"))
+    threshold: float = field(default=0.0, metadata=_range(-1.0, 1.0))
+    """``mutual`` selection keeps a pair only above this correlation."""
+    standalone_taps: list[str] = field(default_factory=list)
+    """Standalone taps that may be matched (timm ``feature_info`` module names); empty = all stages."""
+
+
+@dataclass
+class GraftCfg:
+    """How matched channels are put into CLIP."""
+
+    mode: str = field(default="swap", metadata=_choices("swap", "stitch"))
+    stages: list[str] = field(default_factory=lambda: ["layer2", "layer3", "layer4"])
+    unmatched: str = field(default="mean", metadata=_choices("mean", "keep"))
+    """CLIP channels without a match in a grafted stage: fixed to their probe mean, or CLIP's own."""
+    stitch_ridge: float = field(default=1e-3, metadata=_range(0.0, None))
+
+
+@dataclass
+class ConceptsCfg:
+    """Concepts: named caption sets. For coloured digits they follow ``data.classes`` and ``data.colors``."""
+
+    spurious: list[str] = field(default_factory=lambda: ["color"])
+    core: list[str] = field(default_factory=lambda: ["digit"])
+    color_template: str = "a photo of a {color} digit."
+    digit_template: str = "a photo of the digit {word}."
+    captions: dict[str, list[str]] = field(default_factory=dict)
+    """Explicit captions per concept (one per attribute value, in order); overrides the templates."""
+
+
+@dataclass
+class ExplainCfg:
+    """The explanation: concept scores of the grafted model and the random-matching control."""
+
+    split: str = "shifted"
+    """Images the scores are computed on; the spurious attribute must vary independently of the label."""
+    control_draws: int = field(default=5, metadata=_range(0, 100))
+
+
+@dataclass
+class TrainCfg:
+    method: str = "erm"
+    epochs: int = field(default=8, metadata=_range(1, 100000))
+    batch_size: int = field(default=64, metadata=_range(1, None))
+    lr: float = field(default=1e-3, metadata=_range(0.0, None, lo_open=True))
+    weight_decay: float = field(default=1e-4, metadata=_range(0.0, None))
+    warmup_epochs: float = field(default=0.5, metadata=_range(0.0, None))
+    device: str = "auto"
+    num_workers: int = field(default=0, metadata=_range(0, 64))
+    log_every: int = field(default=10, metadata=_range(1, None))
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    clip: ClipCfg = field(default_factory=ClipCfg)
+    matching: MatchingCfg = field(default_factory=MatchingCfg)
+    graft: GraftCfg = field(default_factory=GraftCfg)
+    concepts: ConceptsCfg = field(default_factory=ConceptsCfg)
+    explain: ExplainCfg = field(default_factory=ExplainCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a table of {_type_name(typing.get_args(tp)[1])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    expected = _type_name(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key} = {value!r}: expected {expected}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key} = {value!r}: expected {expected}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, val_tp) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key} = {value!r}: expected {expected}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key} = {value!r}: expected {expected}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key} = {value!r}: expected {expected}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{key} = {value!r}: expected a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key} = {value!r}: expected {expected}")
+        return value
+    raise TypeError(f"unsupported recipe field type {tp!r} for {key}")
+
+
+def _check_meta(key: str, value: Any, meta: typing.Mapping) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise RecipeError(f"{key} = {value!r}: expected one of {list(meta['choices'])}{did_you_mean(str(value), meta['choices'])}")
+    if "range" in meta:
+        lo, hi, lo_open = meta["range"]
+        bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+        if bad_lo or (hi is not None and value > hi):
+            lo_s = "-inf" if lo is None else lo
+            hi_s = "inf" if hi is None else hi
+            raise RecipeError(f"{key} = {value!r}: expected a value in {'(' if lo_open else '['}{lo_s}, {hi_s}]")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise RecipeError(f"unknown recipe key {full!r}{did_you_mean(key, fields)}; "
+                              f"valid keys here: {sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{full} = {value!r}: expected a table [{full}]")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+            if typing.get_origin(tp) is dict and fields[key].default_factory is not dataclasses.MISSING:
+                kwargs[key] = {**fields[key].default_factory(), **kwargs[key]}  # tables extend their defaults
+            _check_meta(full, kwargs[key], fields[key].metadata)
+    return cls(**kwargs)
+
+
+def _validate_cross(recipe: Recipe) -> None:
+    """Checks that involve several keys."""
+    from .data.colors import PALETTE
+
+    d = recipe.data
+    if d.name in ("colored_digits", "colored_mnist"):
+        if len(d.classes) < 2:
+            raise RecipeError(f"data.classes = {d.classes!r}: expected at least two digits")
+        for c in d.classes:
+            if not 0 <= c <= 9:
+                raise RecipeError(f"data.classes = {d.classes!r}: {c} is not a digit in this dataset (expected 0..9)")
+        if len(set(d.classes)) != len(d.classes):
+            raise RecipeError(f"data.classes = {d.classes!r}: expected distinct digits")
+        if len(d.colors) < 2:
+            raise RecipeError(f"data.colors = {d.colors!r}: expected at least two colours")
+        for c in d.colors:
+            if c not in PALETTE:
+                raise RecipeError(f"data.colors = {d.colors!r}: {c!r} is not in the palette "
+                                  f"{sorted(PALETTE)}{did_you_mean(c, PALETTE)}")
+        if len(set(d.colors)) != len(d.colors):
+            raise RecipeError(f"data.colors = {d.colors!r}: expected distinct colours")
+        for split, frac in d.split_fractions.items():
+            if not 0.0 <= frac <= 1.0:
+                raise RecipeError(f"data.split_fractions.{split} = {frac!r}: expected a value in [0, 1]")
+        missing = {"train", "val", "test"} - set(d.split_fractions)
+        if missing:
+            raise RecipeError(f"data.split_fractions = {d.split_fractions!r}: missing splits {sorted(missing)}")
+        total = sum(d.split_fractions.values())
+        if total > 1.0 + 1e-9:
+            raise RecipeError(f"data.split_fractions = {d.split_fractions!r}: fractions sum to {total:.3f}, "
+                              "expected at most 1")
+    c = recipe.concepts
+    names = set(c.captions) | ({"color", "digit"} if d.name in ("colored_digits", "colored_mnist") else set())
+    for role in ("spurious", "core"):
+        for name in getattr(c, role):
+            if name not in names:
+                raise RecipeError(f"concepts.{role} = {getattr(c, role)!r}: concept {name!r} is not defined; "
+                                  f"defined concepts: {sorted(names)}{did_you_mean(name, names)}")
+    for name, caps in c.captions.items():
+        if not caps:
+            raise RecipeError(f"concepts.captions.{name} = []: expected at least two captions")
+        if len(caps) < 2:
+            raise RecipeError(f"concepts.captions.{name} = {caps!r}: expected at least two captions")
+        if any(not s.strip() for s in caps):
+            raise RecipeError(f"concepts.captions.{name} = {caps!r}: expected non-empty captions")
+    if set(c.spurious) & set(c.core):
+        raise RecipeError(f"concepts: {sorted(set(c.spurious) & set(c.core))} marked both spurious and core")
+    for stage in recipe.graft.stages:
+        if stage not in ("layer1", "layer2", "layer3", "layer4"):
+            raise RecipeError(f"graft.stages = {recipe.graft.stages!r}: {stage!r} is not a CLIP stage; expected "
+                              f"some of ['layer1', 'layer2', 'layer3', 'layer4']{did_you_mean(stage, ['layer1', 'layer2', 'layer3', 'layer4'])}")
+    if not recipe.graft.stages:
+        raise RecipeError("graft.stages = []: expected at least one CLIP stage")
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, raw, "")
+    _validate_cross(recipe)
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------- overrides
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``data.bias=0.5`` -> (['data', 'bias'], 0.5). Values are TOML literals; a bare word is a string."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected key=value, e.g. --set data.bias=0.5")
+    key, _, value_text = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {text!r}: expected a dotted key such as data.bias")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        stripped = value_text.strip()
+        if stripped and all(ch.isalnum() or ch in "-_./:" for ch in stripped) and not stripped[0].isdigit():
+            value = stripped  # a bare word such as resnet18 or RN50-quickgelu
+        else:
+            raise RecipeError(f"--set {text!r}: {value_text.strip()!r} is not a TOML value "
+                              "(quote strings, e.g. 'data.colors=[\"blue\", \"yellow\"]')") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {part!r} is a value, not a table")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply ``--set`` overrides and validate. Errors name the file, line, key or value."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise RecipeError(f"recipe path {str(path)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid TOML: {exc}") from None
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return recipe_from_dict(raw)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML: every key, defaults included, so the run can be repeated from it alone."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    for key, value in recipe.to_dict().items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(recipe, key)):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+

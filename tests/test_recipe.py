@@ -1,0 +1,69 @@
+import pytest
+
+from debias.cli import main
+from debias.errors import RecipeError
+from debias.recipe import apply_overrides, load_recipe, parse_override, recipe_from_dict, recipe_to_toml
+
+DEFAULT = "recipes/colored_digits.toml"
+
+
+def test_default_recipe_loads_with_contract_keys():
+    r = load_recipe(DEFAULT, ["seed=3", "data.classes=[1, 7]", 'data.colors=["blue", "yellow"]', "data.bias=0.5",
+                              "model.name=resnet10t", "train.method=erm", "train.epochs=2"])
+    assert (r.seed, r.data.classes, r.data.colors, r.data.bias) == (3, [1, 7], ["blue", "yellow"], 0.5)
+    assert (r.model.name, r.train.method, r.train.epochs) == ("resnet10t", "erm", 2)
+
+
+def test_override_values_are_toml_literals():
+    assert parse_override("data.bias=0.5") == (["data", "bias"], 0.5)
+    assert parse_override('data.colors=["a", "b"]') == (["data", "colors"], ["a", "b"])
+    assert parse_override("model.name=RN50-quickgelu") == (["model", "name"], "RN50-quickgelu")
+    assert apply_overrides({"data": {"bias": 1.0}}, ["data.bias=0.2"]) == {"data": {"bias": 0.2}}
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = load_recipe(DEFAULT, ["data.bias=0.25", 'concepts.captions.color=["a red digit.", "a green digit."]'])
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe_to_toml(r))
+    assert load_recipe(path) == r
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.bias=1.5", "data.bias = 1.5"),
+    ("data.bias=\"high\"", "data.bias = 'high'"),
+    ("data.biass=0.5", "did you mean 'bias'"),
+    ("train.epochs=0", "train.epochs = 0"),
+    ('data.colors=["red", "grean"]', "'grean' is not in the palette"),
+    ("data.classes=[5, 12]", "12 is not a digit"),
+    ("concepts.spurious=[\"shape\"]", "concept 'shape' is not defined"),
+    ("graft.stages=[\"layer5\"]", "'layer5' is not a CLIP stage"),
+    ("matching.selection=\"best\"", "matching.selection = 'best'"),
+    ("concepts.captions.color=[]", "concepts.captions.color = []"),
+    ("data.split_fractions.train=0.9", "sum to"),
+])
+def test_bad_values_name_key_and_value(override, needle):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(DEFAULT, [override])
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = 0\n[data\nbias = 1\n")
+    with pytest.raises(RecipeError, match=r"bad.toml.*line 2"):
+        load_recipe(bad)
+
+
+def test_cli_bad_recipe_exit_2_and_nothing_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", DEFAULT, "--set", "data.bias=2", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data.bias = 2" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_recipe_from_dict_defaults():
+    r = recipe_from_dict({})
+    assert r.data.classes == [5, 8] and r.data.colors == ["red", "green"] and r.data.bias == 1.0
