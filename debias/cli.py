@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a standalone model with a method, evaluate and explain it")
     _add_recipe_args(p)
     p.add_argument("--method", help="training method (overrides train.method)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, help="run directory (an unfinished run there is resumed)")
+    p.add_argument("--force", action="store_true", help="retrain even if --out holds a finished or unfinished run")
     p = sub.add_parser("explain", help="explain a trained run's model with the grafted CLIP")
     _add_recipe_args(p)
     p.add_argument("--checkpoint", required=True, help="a train run directory")
@@ -45,7 +46,9 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     trainer = Trainer(recipe, out, progress=not args.no_progress)
     check_writable(out)
-    metrics = trainer.fit()
+    metrics = trainer.fit(force=args.force)
+    if metrics.get("already_finished"):
+        print(f"run {out} is already finished (pass --force to retrain); its results:")
     _print_summary(metrics, out)
     return 0
 

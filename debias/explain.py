@@ -92,7 +92,8 @@ def text_embeddings(clip: ClipModel, concepts: list[ConceptSet]) -> dict[str, to
 
 @torch.no_grad()
 def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, recipe: Recipe, split: Split,
-                  concepts: list[ConceptSet], device: torch.device, progress: bool = True) -> dict:
+                  concepts: list[ConceptSet], device: torch.device, progress: bool = True,
+                  control_draws: int | None = None) -> dict:
     """Concept scores of the grafted model on ``split``, the dominant concept and the random-matching control."""
     text = text_embeddings(clip, concepts)
     graft = build_graft(clip, matching, recipe).to(device)
@@ -101,7 +102,8 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
     scores = readout.scores()
     draws = []
     gen = torch.Generator().manual_seed(recipe.seed + 12345)
-    for _ in tqdm(range(recipe.explain.control_draws), desc="control", leave=False, disable=not progress):
+    draws_wanted = recipe.explain.control_draws if control_draws is None else control_draws
+    for _ in tqdm(range(draws_wanted), desc="control", leave=False, disable=not progress):
         rand = random_matching(matching, model.tap_channels, gen)
         rg = build_graft(clip, rand, recipe).to(device)
         rg_emb, _ = embed(model, rg, clip, split, device)

@@ -142,6 +142,51 @@ class TrainCfg:
     device: str = "auto"
     num_workers: int = field(default=0, metadata=_range(0, 64))
     log_every: int = field(default=10, metadata=_range(1, None))
+    skip_nonfinite: bool = False
+    """Skip batches whose loss is not finite (counted in TensorBoard) instead of stopping the run."""
+
+
+@dataclass
+class ConceptPenaltyCfg:
+    """The ``concept`` method: task loss + weight * dependence between the CNN's prediction and the spurious
+    concept's caption prediction, on the unlabeled stream."""
+
+    weight: float = field(default=1.0, metadata=_range(0.0, None))
+    source: str = field(default="graft", metadata=_choices("graft", "clip", "labels"))
+    """Where the spurious concept's prediction comes from: the grafted CLIP (default), plain CLIP on the raw
+    image, or the true attribute (an oracle, for ablation)."""
+    unlabeled_batch_size: int = field(default=16, metadata=_range(2, None))
+    rematch_every: int = field(default=1, metadata=_range(0, None))
+    """Re-run matching every N epochs (0 = only once, before training)."""
+    temperature: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    """Divides CLIP's logit scale for the caption prediction (higher = softer)."""
+
+
+@dataclass
+class GroupDROCfg:
+    eta: float = field(default=0.01, metadata=_range(0.0, None, lo_open=True))
+
+
+@dataclass
+class JTTCfg:
+    first_epochs: int = field(default=2, metadata=_range(1, None))
+    upweight: float = field(default=20.0, metadata=_range(1.0, None))
+
+
+@dataclass
+class AugmentCfg:
+    transforms: list[str] = field(default_factory=lambda: ["channel_permutation", "grayscale"])
+    """torchvision v2 colour transforms applied per training image: channel_permutation, grayscale, color_jitter."""
+    grayscale_p: float = field(default=0.2, metadata=_range(0.0, 1.0))
+
+
+@dataclass
+class SelectionCfg:
+    """Checkpoint selection rules evaluated every epoch (metrics.json records each rule's pick)."""
+
+    track_concepts: bool = True
+    """Compute the concept dominance on validation images every epoch (needed by the ``dominance`` rule)."""
+    split: str = "val"
 
 
 @dataclass
@@ -155,6 +200,11 @@ class Recipe:
     concepts: ConceptsCfg = field(default_factory=ConceptsCfg)
     explain: ExplainCfg = field(default_factory=ExplainCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    concept: ConceptPenaltyCfg = field(default_factory=ConceptPenaltyCfg)
+    groupdro: GroupDROCfg = field(default_factory=GroupDROCfg)
+    jtt: JTTCfg = field(default_factory=JTTCfg)
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+    selection: SelectionCfg = field(default_factory=SelectionCfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -291,6 +341,15 @@ def _validate_cross(recipe: Recipe) -> None:
         if stage not in ("layer1", "layer2", "layer3", "layer4"):
             raise RecipeError(f"graft.stages = {recipe.graft.stages!r}: {stage!r} is not a CLIP stage; expected "
                               f"some of ['layer1', 'layer2', 'layer3', 'layer4']{did_you_mean(stage, ['layer1', 'layer2', 'layer3', 'layer4'])}")
+    from .train.methods import AUGMENTATIONS, METHODS
+
+    if recipe.train.method not in METHODS:
+        raise RecipeError(f"train.method = {recipe.train.method!r}: expected one of {sorted(METHODS)}"
+                          f"{did_you_mean(recipe.train.method, METHODS)}")
+    for t in recipe.augment.transforms:
+        if t not in AUGMENTATIONS:
+            raise RecipeError(f"augment.transforms = {recipe.augment.transforms!r}: {t!r} is not one of "
+                              f"{sorted(AUGMENTATIONS)}{did_you_mean(t, AUGMENTATIONS)}")
     if not recipe.graft.stages:
         raise RecipeError("graft.stages = []: expected at least one CLIP stage")
 

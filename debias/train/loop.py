@@ -5,7 +5,9 @@ A run directory holds ``recipe.toml`` (resolved), ``model.safetensors`` + ``stat
 """
 from __future__ import annotations
 
+import json
 import random
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -68,7 +70,7 @@ class Trainer:
         self.bundle = load_dataset(recipe)
         self.model = StandaloneModel(recipe.model.name, self.bundle.num_classes, recipe.model.pretrained,
                                      recipe.model.checkpoint).to(self.device)
-        self._clip = None
+        self._clip = load_clip(recipe.clip, self.device)  # eager: a bad CLIP name or file fails before training
         self.concepts = build_concepts(recipe, self.bundle)
         self.method = build_method(recipe.train.method, self)
         t = recipe.train
@@ -77,17 +79,23 @@ class Trainer:
         total = self.steps_per_epoch * t.epochs
         warmup = int(round(t.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine_with_warmup(total, warmup))
+        self.graft = None
+        self.matching = None
+        self.matching_epoch = -1
+        self._unlabeled_iter = None
+        self.best: dict[str, dict[str, Any]] = {}
         self.step = 0
         self.epoch = 0
+        self.batch_in_epoch = 0
+        self.unlabeled_epoch = 0
+        self.train_s = 0.0
+        self.skipped_steps: list[int] = []
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
         self.writer: SummaryWriter | None = None
 
     @property
     def clip(self):
-        """CLIP is loaded on first use (ERM training does not need it until the explanation)."""
-        if self._clip is None:
-            self._clip = load_clip(self.recipe.clip, self.device)
         return self._clip
 
     # ------------------------------------------------------------------------------------------- data
@@ -101,47 +109,166 @@ class Trainer:
             return DataLoader(split, batch_size=self.recipe.train.batch_size, sampler=sampler)
         return DataLoader(split, batch_size=self.recipe.train.batch_size, shuffle=True, generator=gen)
 
+    def next_unlabeled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of the unlabeled stream: images and their indices in the stream (labels withheld)."""
+        stream = self.bundle.unlabeled
+        size = self.recipe.concept.unlabeled_batch_size
+        while True:
+            if self._unlabeled_iter is None:
+                self._unlabeled_round = getattr(self, "_unlabeled_round", 0) + 1
+                gen = torch.Generator().manual_seed(self.recipe.seed * 104_729 + self.unlabeled_epoch * 1_009
+                                                    + self._unlabeled_round)
+                order = torch.randperm(len(stream), generator=gen)
+                self._unlabeled_iter = iter(order.split(size))
+            idx = next(self._unlabeled_iter, None)
+            if idx is not None and len(idx) == size:
+                return stream.images[idx].to(self.device), idx
+            self._unlabeled_iter = None
+
+    # ------------------------------------------------------------------------------------------- graft
+    def rematch(self) -> None:
+        """Match the current model to CLIP on the probe images and rebuild the graft."""
+        from ..explain import build_graft
+
+        self.matching = compute_matching(self.model, self.clip, probe_split(self.recipe, self.bundle), self.recipe,
+                                         self.device, progress=False)
+        self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
+        self.matching_epoch = self.epoch
+
+    def track(self) -> dict[str, Any]:
+        """End-of-epoch figures: validation accuracy, worst-group accuracy and (optionally) concept dominance."""
+        sel = self.recipe.selection
+        split = self.bundle.splits[sel.split]
+        val = evaluate_splits(self.model, {sel.split: split}, self.device)[sel.split]
+        row: dict[str, Any] = {"epoch": self.epoch, "val_accuracy": val["accuracy"],
+                               "val_worst_group_accuracy": val["worst_group_accuracy"]}
+        if sel.track_concepts:
+            if self.matching_epoch != self.epoch:
+                self.rematch()
+            ex = explain_model(self.model, self.clip, self.matching, self.recipe, split, self.concepts, self.device,
+                               progress=False, control_draws=0)
+            core = [v for k, v in ex["scores"].items() if ex["roles"][k] == "core"]
+            spur = [v for k, v in ex["scores"].items() if ex["roles"][k] == "spurious"]
+            row["concept_scores"] = ex["scores"]
+            row["dominant_concept"] = ex["dominant_concept"]
+            row["dominance_margin"] = float(np.nanmean(core) - np.nanmean(spur)) if core and spur else float("nan")
+            for k, v in ex["scores"].items():
+                self.writer.add_scalar(f"concepts/{k}", v, self.epoch)
+            self.writer.add_scalar("concepts/dominance_margin", row["dominance_margin"], self.epoch)
+        self.writer.add_scalar("val/accuracy", row["val_accuracy"], self.epoch)
+        self.writer.add_scalar("val/worst_group_accuracy", row["val_worst_group_accuracy"], self.epoch)
+        return row
+
+    def update_selection(self, row: dict[str, Any]) -> None:
+        """Keep the best checkpoint under each selection rule (ties go to the later epoch)."""
+        rules = {"val_accuracy": row["val_accuracy"], "worst_group": row["val_worst_group_accuracy"]}
+        if "dominance_margin" in row and row["dominance_margin"] == row["dominance_margin"]:
+            rules["dominance"] = row["dominance_margin"]
+        for rule, value in rules.items():
+            if rule not in self.best or value >= self.best[rule]["value"]:
+                self.best[rule] = {"epoch": self.epoch, "value": value}
+                io.save_tensors(self.out / f"best_{rule}.safetensors", self.model.state_dict())
+
     # ------------------------------------------------------------------------------------------- loop
-    def fit(self) -> dict[str, Any]:
+    def fit(self, force: bool = False) -> dict[str, Any]:
+        """Train (or resume an unfinished run in ``out``), then evaluate and explain.
+
+        A finished run (``done`` marker) is returned as it is unless ``force``; an unfinished one resumes from
+        its last checkpoint, which must come from the same resolved recipe.
+        """
         r = self.recipe
+        done = self.out / io.DONE_MARKER
+        if done.exists() and not force:
+            return io.read_json(self.out / "metrics.json") | {"already_finished": True}
+        resumed = False
+        if (self.out / CHECKPOINT).exists() and not force:
+            self.check_same_recipe()
+            self.load_checkpoint()
+            resumed = True
+        elif force:
+            done.unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         io.atomic_write_text(self.out / "recipe.toml", recipe_to_toml(r))
         self.writer = SummaryWriter(str(self.out / "tb"))
+        stop = _StopFlag()
         t0 = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch * r.train.epochs, initial=self.step, desc=f"train {r.train.method}",
                    unit="step", disable=not self.progress)
-        for epoch in range(self.epoch, r.train.epochs):
-            self.method.on_epoch_start(epoch)
-            self.model.train()
-            for images, labels, attrs in self.train_loader(epoch):
-                batch = {"images": images.to(self.device), "labels": labels.to(self.device),
-                         "attrs": attrs.to(self.device)}
-                ts = time.perf_counter()
-                terms = self.method.loss_terms(batch, self.step)
-                loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    raise DebiasError(f"non-finite loss at step {self.step} (epoch {epoch}): "
-                                      + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step_times.append(time.perf_counter() - ts)
-                if self.step % r.train.log_every == 0:
-                    for k, v in terms.items():
-                        self.writer.add_scalar(f"train/{k}", float(v), self.step)
-                    self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-            self.epoch = epoch + 1
-            val = evaluate_splits(self.model, {"val": self.bundle.splits["val"]}, self.device)["val"]
-            self.writer.add_scalar("val/accuracy", val["accuracy"], self.epoch)
-            self.history.append({"epoch": self.epoch, "val_accuracy": val["accuracy"]})
-            self.save_checkpoint()
+        if resumed:
+            bar.write(f"resumed {self.out} at epoch {self.epoch}, step {self.step}")
+        with stop:
+            for epoch in range(self.epoch, r.train.epochs):
+                if self.batch_in_epoch == 0:
+                    self.method.on_epoch_start(epoch)
+                self._unlabeled_iter = None
+                self.unlabeled_epoch = epoch
+                self.model.train()
+                for i, (images, labels, attrs) in enumerate(self.train_loader(epoch)):
+                    if i < self.batch_in_epoch:  # resuming inside an epoch: the order is fixed by (seed, epoch)
+                        if self.method.needs_unlabeled:
+                            self.next_unlabeled()
+                        continue
+                    batch = {"images": images.to(self.device), "labels": labels.to(self.device),
+                             "attrs": attrs.to(self.device)}
+                    ts = time.perf_counter()
+                    terms = self.train_step(batch)
+                    self.step_times.append(time.perf_counter() - ts)
+                    if terms and self.step % r.train.log_every == 0:
+                        for k, v in terms.items():
+                            self.writer.add_scalar(f"train/{k}", v, self.step)
+                        self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                    self.step += 1
+                    self.batch_in_epoch = i + 1
+                    bar.update(1)
+                    if terms:
+                        bar.set_postfix(loss=f"{terms['loss']:.3f}")
+                    if stop.requested:
+                        self.save_checkpoint()
+                        bar.close()
+                        raise TrainingInterrupted(
+                            f"stopped by {stop.requested} after step {self.step} (epoch {epoch}); checkpoint "
+                            f"written to {self.out / CHECKPOINT}; resume with the same command (same --out)")
+                self.epoch = epoch + 1
+                self.batch_in_epoch = 0
+                row = self.track()
+                self.history.append(row)
+                self.update_selection(row)
+                self.save_checkpoint()
         bar.close()
-        train_s = time.perf_counter() - t0
-        return self.finish(train_s)
+        self.train_s += time.perf_counter() - t0
+        return self.finish(self.train_s)
+
+    def check_same_recipe(self) -> None:
+        """An unfinished run may only be resumed with the recipe it was started with."""
+        saved_path = self.out / "recipe.toml"
+        if not saved_path.exists():
+            return
+        from ..recipe import load_recipe
+
+        saved, now = _flatten(load_recipe(saved_path).to_dict()), _flatten(self.recipe.to_dict())
+        diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if diff:
+            raise DebiasError(f"--out {str(self.out)!r} holds an unfinished run of a different recipe (differs in "
+                              f"{', '.join(diff[:5])}); use another --out, or --force to start over")
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimisation step of the method on a batch; returns the loss terms as floats."""
+        terms = self.method.loss_terms(batch, self.step)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            if self.recipe.train.skip_nonfinite:
+                self.skipped_steps.append(self.step)
+                self.writer.add_scalar("train/skipped_nonfinite", len(self.skipped_steps), self.step)
+                return {}
+            raise DebiasError(f"non-finite loss at step {self.step} (epoch {self.epoch}): {detail}; the last good "
+                              f"checkpoint is kept in {self.out}; set train.skip_nonfinite = true to skip such "
+                              "batches")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
 
     # ------------------------------------------------------------------------------------------- end of run
     def finish(self, train_s: float) -> dict[str, Any]:
@@ -151,6 +278,7 @@ class Trainer:
             self.writer.add_scalar(f"final/{name}/accuracy", m["accuracy"], self.epoch)
             self.writer.add_scalar(f"final/{name}/worst_group_accuracy", m["worst_group_accuracy"], self.epoch)
         explanation = self.explain()
+        selection = self.evaluate_selection()
         metrics = {
             "method": r.train.method,
             "seed": r.seed,
@@ -159,6 +287,7 @@ class Trainer:
             "timing": {"train_s": train_s,
                        "step_s_median": statistics.median(self.step_times) if self.step_times else 0.0,
                        "steps": self.step},
+            "selection": selection,
             "history": self.history,
             "recipe": r.to_dict(),
         }
@@ -177,19 +306,140 @@ class Trainer:
         if split_name not in self.bundle.splits:
             raise DebiasError(f"explain.split = {split_name!r}: not a split of this dataset; "
                               f"splits: {sorted(self.bundle.splits)}")
-        matching = compute_matching(self.model, self.clip, probe_split(r, self.bundle), r, self.device,
-                                    self.progress)
+        if self.matching_epoch != self.epoch or self.matching is None:
+            self.rematch()
+        matching = self.matching
         io.save_tensors(self.out / "matching.safetensors", matching.state_dict())
         return explain_model(self.model, self.clip, matching, r, self.bundle.splits[split_name], self.concepts,
                              self.device, self.progress)
 
+    def evaluate_selection(self) -> dict[str, Any]:
+        """Test figures of the checkpoint each selection rule picked."""
+        import copy
+
+        out = {}
+        shadow = copy.deepcopy(self.model)
+        for rule, best in sorted(self.best.items()):
+            shadow.load_state_dict(io.load_tensors(self.out / f"best_{rule}.safetensors"))
+            splits = evaluate_splits(shadow, {k: v for k, v in self.bundle.splits.items() if k != "train"},
+                                     self.device)
+            out[rule] = {"epoch": best["epoch"], "value": best["value"], "splits": splits}
+        return out
+
     def save_checkpoint(self) -> None:
+        """One atomic file with everything a resumed run needs, plus the weights as safetensors for sharing."""
+        state = {
+            "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "history_json": json.dumps(self.history), "best_json": json.dumps(self.best),
+            "step_times": torch.tensor(self.step_times, dtype=torch.float64),
+            "skipped_steps": torch.tensor(self.skipped_steps, dtype=torch.long),
+            "train_s": self.train_s,
+            "rng_torch": torch.get_rng_state(), "rng_numpy_json": json.dumps(_numpy_state()),
+            "rng_python_json": json.dumps(_python_state()),
+            "matching": self.matching.state_dict() if self.matching is not None else {},
+            "matching_epoch": self.matching_epoch,
+            "unlabeled_round": getattr(self, "_unlabeled_round", 0),
+            "meta": {"model": self.recipe.model.name, "classes": ",".join(self.bundle.class_names)},
+        }
+        io.save_state(self.out / CHECKPOINT, state)
         io.save_tensors(self.out / "model.safetensors", self.model.state_dict(),
                         metadata={"model": self.recipe.model.name, "num_classes": str(self.bundle.num_classes),
                                   "classes": ",".join(self.bundle.class_names), "epoch": str(self.epoch)})
-        io.save_state(self.out / "state.pt", {
-            "epoch": self.epoch, "step": self.step,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "method": self.method.state_dict(), "history": self.history,
-            "step_times": torch.tensor(self.step_times, dtype=torch.float64),
-        })
+
+    def load_checkpoint(self) -> None:
+        from ..explain import build_graft
+        from ..surgery.matching import Matching
+
+        path = self.out / CHECKPOINT
+        state = io.load_state(path)
+        meta = state.get("meta", {})
+        if meta.get("model") != self.recipe.model.name or meta.get("classes") != ",".join(self.bundle.class_names):
+            raise DebiasError(f"{path}: checkpoint of model {meta.get('model')!r} on classes [{meta.get('classes')}] "
+                              f"does not fit the recipe's {self.recipe.model.name!r} on "
+                              f"[{','.join(self.bundle.class_names)}]")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise DebiasError(f"{path}: weights do not fit {self.recipe.model.name}: "
+                              f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.history = json.loads(state["history_json"])
+        self.best = json.loads(state["best_json"])
+        self.step_times = state["step_times"].tolist()
+        self.skipped_steps = state["skipped_steps"].tolist()
+        self.train_s = float(state["train_s"])
+        torch.set_rng_state(state["rng_torch"])
+        _set_numpy_state(json.loads(state["rng_numpy_json"]))
+        _set_python_state(json.loads(state["rng_python_json"]))
+        self._unlabeled_round = int(state["unlabeled_round"])
+        if state["matching"]:
+            self.matching = Matching.from_state_dict(state["matching"], self.model.tap_names,
+                                                     self.recipe.matching.selection)
+            self.matching_epoch = int(state["matching_epoch"])
+            self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not k.endswith(("fractions", "columns", "captions")):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class TrainingInterrupted(DebiasError):
+    """SIGINT/SIGTERM: the run stopped after a step, with a checkpoint written."""
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (restores the old handlers on exit)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _numpy_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_numpy_state(state: list) -> None:
+    name, keys, pos, has_gauss, cached = state
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _python_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_state(state: list) -> None:
+    version, internal, gauss = state
+    random.setstate((version, tuple(internal), gauss))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2 as T
 
 from ..errors import DebiasError, did_you_mean
 
@@ -60,6 +61,182 @@ class Method:
 @register("erm")
 class ERM(Method):
     """Cross-entropy on the training batch."""
+
+
+def soft_mutual_information(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mutual information (nats) between two soft predictions over a batch: ``p`` (N, K) and ``q`` (N, C).
+
+    The joint is ``P(y, c) = mean_i p_i(y) q_i(c)``; zero when the two are independent over the batch, and
+    ``H(y)`` when one is a function of the other.
+    """
+    joint = p.T @ q / p.shape[0]
+    marg = joint.sum(1, keepdim=True) @ joint.sum(0, keepdim=True)
+    return (joint * ((joint + eps).log() - (marg + eps).log())).sum()
+
+
+@register("concept")
+class ConceptPenalty(Method):
+    """Task loss + weight * soft MI between the CNN's class prediction and the spurious concept's caption
+    prediction on the unlabeled stream (images whose spurious attribute varies independently of the label).
+
+    The concept prediction is detached: it is a measurement, not a path for gradients. On biased training
+    batches the spurious score is a function of the label, so the penalty is computed on the stream only.
+    """
+
+    needs_unlabeled = True
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__(trainer)
+        bundle, cfg = trainer.bundle, trainer.recipe.concept
+        if bundle.unlabeled is None:
+            raise DebiasError("train.method = 'concept' needs an unlabeled stream (images whose spurious attribute "
+                              "varies independently of the label); this recipe has none: set "
+                              "data.split_fractions.unlabeled > 0 (coloured digits) or name the stream in the data "
+                              "section")
+        spurious = [c for c in trainer.concepts if c.role == "spurious"]
+        if not spurious:
+            raise DebiasError("train.method = 'concept' needs a spurious concept: set concepts.spurious")
+        self.concept = spurious[0]
+        self.cfg = cfg
+        self.cached_q: torch.Tensor | None = None
+
+    def _cache_q(self) -> torch.Tensor:
+        """Concept predictions that do not change during training (plain CLIP, or the true attribute)."""
+        if self.cached_q is None:
+            stream = self.trainer.bundle.unlabeled
+            n_values = len(self.concept.captions)
+            if self.cfg.source == "labels":
+                self.cached_q = F.one_hot(stream.attrs.clamp(max=n_values - 1), n_values).float()
+            else:
+                clip = self.trainer.clip
+                text = clip.encode_text(self.concept.captions)
+                chunks = []
+                with torch.no_grad():
+                    for start in range(0, len(stream), 256):
+                        emb = clip.encode_image(stream.images[start:start + 256].to(self.trainer.device))
+                        chunks.append(self._softmax(emb, text).cpu())
+                self.cached_q = torch.cat(chunks)
+        return self.cached_q
+
+    def _softmax(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return (self.trainer.clip.logit_scale / self.cfg.temperature * emb.float() @ text.T).softmax(-1)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        every = self.cfg.rematch_every
+        if self.cfg.source == "graft" and (self.trainer.graft is None or (every and epoch % every == 0)):
+            self.trainer.rematch()
+
+    def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        model, trainer = self.trainer.model, self.trainer
+        images_u, index_u = trainer.next_unlabeled()
+        n = batch["images"].shape[0]
+        x = torch.cat([batch["images"], images_u])
+        if self.cfg.source == "graft":
+            logits, taps = model.forward_taps(x)  # one forward for both batches; the graft reuses its taps
+            with torch.no_grad():
+                emb = trainer.graft(images_u, {k: v[n:].detach() for k, v in taps.items()})
+                q = self._softmax(emb, trainer.clip.encode_text(self.concept.captions))
+        else:
+            logits = model(x)
+            q = self._cache_q()[index_u].to(x.device)
+        nll = F.cross_entropy(logits[:n], batch["labels"])
+        penalty = soft_mutual_information(logits[n:].float().softmax(-1), q.float())
+        return {"loss": nll + self.cfg.weight * penalty, "nll": nll, "penalty": penalty}
+
+
+@register("groupdro")
+class GroupDRO(Method):
+    """Group DRO (Sagawa et al. 2020): exponentiated-gradient weights on the per-group losses. Uses the training
+    group labels, so it is the oracle upper bound among the baselines."""
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__(trainer)
+        b = trainer.bundle
+        self.n_attrs = len(b.attr_names)
+        self.q = torch.full((b.num_classes * self.n_attrs,), 1.0 / (b.num_classes * self.n_attrs))
+
+    def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        logits = self.trainer.model(batch["images"])
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        groups = batch["labels"] * self.n_attrs + batch["attrs"]
+        present = groups.unique()
+        group_loss = torch.stack([losses[groups == g].mean() for g in present])
+        q = self.q.to(logits.device)
+        q[present] = q[present] * torch.exp(self.trainer.recipe.groupdro.eta * group_loss.detach())
+        q = q / q.sum()
+        self.q = q.detach().cpu()
+        loss = (q[present] * group_loss).sum() / q[present].sum()
+        return {"loss": loss, "nll": losses.mean(), "worst_group_loss": group_loss.max().detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"q": self.q.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q = state["q"].clone()
+
+
+@register("jtt")
+class JTT(Method):
+    """Just Train Twice (Liu et al. 2021), continued-training variant: ERM for ``jtt.first_epochs``, then the
+    training examples the model got wrong are upsampled ``jtt.upweight`` times. No group labels are used."""
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__(trainer)
+        self.errors: torch.Tensor | None = None
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch == self.trainer.recipe.jtt.first_epochs and self.errors is None:
+            from ..evaluate import predict
+
+            split = self.trainer.bundle.splits["train"]
+            split.set_epoch(epoch)
+            preds = predict(self.trainer.model, split, self.trainer.device)
+            self.errors = (preds != split.labels).cpu()
+
+    def sample_weights(self) -> torch.Tensor | None:
+        if self.errors is None:
+            return None
+        return 1.0 + (self.trainer.recipe.jtt.upweight - 1.0) * self.errors.float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.errors is None else {"errors": self.errors.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.errors = state.get("errors")
+
+
+@register("reweight")
+class Reweight(Method):
+    """Group-balanced sampling: every (label, attribute) group present in training is drawn equally often."""
+
+    def sample_weights(self) -> torch.Tensor | None:
+        groups = self.trainer.bundle.splits["train"].groups
+        counts = torch.bincount(groups).float()
+        return 1.0 / counts[groups]
+
+
+AUGMENTATIONS = {
+    "channel_permutation": lambda cfg: T.RandomChannelPermutation(),
+    "grayscale": lambda cfg: T.RandomGrayscale(p=cfg.grayscale_p),
+    "color_jitter": lambda cfg: T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.2),
+}
+
+
+@register("augment")
+class Augment(Method):
+    """ERM on training images passed through recipe-given torchvision colour transforms, one draw per image:
+    shows when plain augmentation against a known nuisance already suffices."""
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__(trainer)
+        cfg = trainer.recipe.augment
+        self.transform = T.Compose([AUGMENTATIONS[name](cfg) for name in cfg.transforms])
+
+    def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        images = torch.stack([self.transform(img) for img in batch["images"]])
+        logits = self.trainer.model(images)
+        nll = F.cross_entropy(logits, batch["labels"])
+        return {"loss": nll, "nll": nll}
 
 
 def build_method(name: str, trainer: "Trainer") -> Method:

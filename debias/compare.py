@@ -1,0 +1,172 @@
+"""``debias compare``: before/after tables and plots across run directories (mean +- std over seeds)."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import io
+from .errors import DebiasError
+
+SPLIT_ORDER = ("test", "shifted", "swapped", "grayscale", "val")
+
+
+def variant(metrics: dict[str, Any]) -> str:
+    """Method name with the options that make it a different method (the concept source)."""
+    method = metrics.get("method", "?")
+    recipe = metrics.get("recipe", {})
+    if method == "concept":
+        return f"concept[{recipe.get('concept', {}).get('source', 'graft')}]"
+    return method
+
+
+def setting(metrics: dict[str, Any]) -> str:
+    recipe = metrics.get("recipe", {})
+    data = recipe.get("data", {})
+    parts = [f"bias={data.get('bias')}"]
+    if metrics.get("method") == "concept":
+        parts.append(f"weight={recipe.get('concept', {}).get('weight')}")
+    return ",".join(parts)
+
+
+def _load_run(run: Path) -> dict[str, Any]:
+    if not run.is_dir():
+        raise DebiasError(f"{run}: not a run directory")
+    metrics = io.read_json(run / "metrics.json")
+    for key in ("method", "seed", "splits", "explain"):
+        if key not in metrics:
+            raise DebiasError(f"{run / 'metrics.json'}: missing key {key!r}; is it a `debias train` run?")
+    return metrics
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+            "n": len(vals)}
+
+
+def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
+    rows = []
+    for run in runs:
+        m = _load_run(run)
+        rows.append({"run": str(run), "method": m["method"], "variant": variant(m), "setting": setting(m),
+                     "seed": m["seed"], "splits": m["splits"], "dominant_concept": m["explain"]["dominant_concept"],
+                     "scores": m["explain"].get("scores", {}), "control": m["explain"].get("control", {}),
+                     "selection": {k: {"epoch": v["epoch"], "splits": {s: {"accuracy": x["accuracy"]}
+                                                                      for s, x in v["splits"].items()}}
+                                   for k, v in m.get("selection", {}).items()},
+                     "timing": m.get("timing", {})})
+    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        by_key[r["variant"], r["setting"]].append(r)
+    groups = []
+    for (var, sett), members in sorted(by_key.items()):
+        split_names = [s for s in SPLIT_ORDER if s in members[0]["splits"]] + sorted(
+            set(members[0]["splits"]) - set(SPLIT_ORDER))
+        g = {"method": var, "setting": sett, "n_runs": len(members), "seeds": sorted(r["seed"] for r in members),
+             "splits": {s: {"accuracy": _mean_std([r["splits"][s]["accuracy"] for r in members if s in r["splits"]]),
+                            "worst_group_accuracy": _mean_std([r["splits"][s]["worst_group_accuracy"]
+                                                               for r in members if s in r["splits"]])}
+                        for s in split_names},
+             "scores": {c: _mean_std([r["scores"].get(c) for r in members]) for c in members[0]["scores"]},
+             "dominant_concept": {d: sum(r["dominant_concept"] == d for r in members)
+                                  for d in sorted({r["dominant_concept"] for r in members})}}
+        groups.append(g)
+    result = {"rows": rows, "groups": groups}
+    io.check_writable(out)
+    io.atomic_write_json(out / "compare.json", result)
+    io.atomic_write_text(out / "report.md", render_report(result))
+    plot_compare(result, out)
+    return result
+
+
+def _fmt(ms: dict[str, float]) -> str:
+    if ms["n"] == 0:
+        return "-"
+    return f"{ms['mean']:.3f} ± {ms['std']:.3f}" if ms["n"] > 1 else f"{ms['mean']:.3f}"
+
+
+def render_report(result: dict[str, Any]) -> str:
+    groups = result["groups"]
+    if not groups:
+        return "# debias compare\n\nNo runs.\n"
+    splits = [s for s in SPLIT_ORDER if any(s in g["splits"] for g in groups)]
+    lines = ["# debias compare", "", f"{len(result['rows'])} runs; mean ± std over seeds.", "",
+             "## Accuracy per split", "",
+             "| method | setting | seeds | " + " | ".join(splits) + " | dominant concept |",
+             "|---|---|---|" + "---|" * len(splits) + "---|"]
+    for g in groups:
+        cells = [_fmt(g["splits"][s]["accuracy"]) if s in g["splits"] else "-" for s in splits]
+        dom = ", ".join(f"{k} x{v}" for k, v in g["dominant_concept"].items())
+        lines.append(f"| {g['method']} | {g['setting']} | {len(g['seeds'])} | " + " | ".join(cells) + f" | {dom} |")
+    lines += ["", "## Worst-group accuracy", "", "| method | setting | " + " | ".join(splits) + " |",
+              "|---|---|" + "---|" * len(splits)]
+    for g in groups:
+        cells = [_fmt(g["splits"][s]["worst_group_accuracy"]) if s in g["splits"] else "-" for s in splits]
+        lines.append(f"| {g['method']} | {g['setting']} | " + " | ".join(cells) + " |")
+    concepts = sorted({c for g in groups for c in g["scores"]})
+    lines += ["", "## Concept scores of the final model (0 = chance, 1 = plain CLIP)", "",
+              "| method | setting | " + " | ".join(concepts) + " |", "|---|---|" + "---|" * len(concepts)]
+    for g in groups:
+        lines.append(f"| {g['method']} | {g['setting']} | " + " | ".join(
+            _fmt(g["scores"][c]) if c in g["scores"] else "-" for c in concepts) + " |")
+    sel_rows = [r for r in result["rows"] if r.get("selection")]
+    if sel_rows:
+        lines += ["", "## Checkpoint selection (shifted accuracy of the checkpoint each rule picked)", "",
+                  "| run | method | seed | " + " | ".join(["val_accuracy", "dominance", "worst_group"]) + " |",
+                  "|---|---|---|---|---|---|"]
+        for r in sel_rows:
+            cells = []
+            for rule in ("val_accuracy", "dominance", "worst_group"):
+                pick = r["selection"].get(rule)
+                acc = pick["splits"].get("shifted", {}).get("accuracy") if pick else None
+                cells.append(f"{acc:.3f} (ep {pick['epoch']})" if acc is not None else "-")
+            lines.append(f"| {Path(r['run']).name} | {r['variant']} | {r['seed']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_compare(result: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import _save
+
+    groups = result["groups"]
+    if not groups:
+        return
+    splits = [s for s in SPLIT_ORDER if any(s in g["splits"] for g in groups) and s != "val"]
+    labels = [f"{g['method']}\n{g['setting']}" for g in groups]
+    width = 0.8 / max(1, len(splits))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.8))
+    for i, s in enumerate(splits):
+        xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(groups))]
+        means = [g["splits"].get(s, {}).get("accuracy", {}).get("mean", np.nan) for g in groups]
+        stds = [g["splits"].get(s, {}).get("accuracy", {}).get("std", 0.0) for g in groups]
+        ax.bar(xs, means, width=width, yerr=stds, capsize=2, label=s)
+    ax.set_xticks(range(len(groups)), labels, fontsize=7)
+    ax.set_ylabel("accuracy (mean ± std over seeds)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=len(splits))
+    _save(fig, out / "accuracy_by_split.png")
+
+    concepts = sorted({c for g in groups for c in g["scores"]})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.4))
+    width = 0.8 / max(1, len(concepts))
+    for i, c in enumerate(concepts):
+        xs = [j + (i - (len(concepts) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(xs, [g["scores"].get(c, {}).get("mean", np.nan) for g in groups], width=width,
+               yerr=[g["scores"].get(c, {}).get("std", 0.0) for g in groups], capsize=2, label=c)
+    ax.set_xticks(range(len(groups)), labels, fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_ylabel("concept score of the final model")
+    ax.set_title("concept scores: ERM (before) vs each method (after)", fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, out / "concept_scores.png")
