@@ -1,0 +1,93 @@
+"""Matching cost vs probe-set size: peak memory and time for N probe images (default 1,000 and 4,000).
+
+Each size runs in a fresh subprocess so its peak resident memory (VmHWM) is its own. Prints a table.
+
+    python tools/bench_matching.py                 # digits CLIP + resnet18 at 32 px, 1000 vs 4000 images
+    python tools/bench_matching.py --sizes 1000 4000 --model resnet18 --batch-size 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+
+def _vm(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def child(n: int, model_name: str, batch_size: int) -> dict:
+    import time
+
+    import torch
+
+    from debias.data.colors import colorize
+    from debias.data.digits_base import load_base_digits
+    from debias.data.shifts import random_affine
+    from debias.data.splits import Split
+    from debias.explain import compute_matching
+    from debias.models.clip import load_clip
+    from debias.models.standalone import StandaloneModel
+    from debias.recipe import Recipe
+
+    torch.manual_seed(0)
+    recipe = Recipe()
+    recipe.matching.num_images = n
+    recipe.matching.batch_size = batch_size
+    gray, digits = load_base_digits(32)
+    reps = -(-n // len(gray))
+    gray = gray.repeat(reps, 1, 1)[:n]
+    gen = torch.Generator().manual_seed(0)
+    colors = ["red", "green", "blue", "yellow"]
+    pick = torch.randint(len(colors), (n,), generator=gen)
+    images = torch.stack([colorize(g, colors[int(c)]) for g, c in zip(gray, pick)])
+    images = random_affine(images, gen)
+    split = Split("probe", images, (digits.repeat(reps)[:n] == 8).long(), pick, ["5", "8"], colors + ["gray"])
+    model = StandaloneModel(model_name, 2).eval()
+    clip = load_clip(recipe.clip)
+    rss_before = _vm("VmRSS")
+    t0 = time.perf_counter()
+    matching = compute_matching(model, clip, split, recipe, torch.device("cpu"), progress=False)
+    seconds = time.perf_counter() - t0
+    return {"n": n, "seconds": seconds, "rss_before_mb": rss_before, "peak_rss_mb": _vm("VmHWM"),
+            "images_mb": images.numel() * 4 / 2**20,
+            "corr_mean_layer2": matching.summary()["layer2"]["corr_mean"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.model, args.batch_size)))
+        return 0
+    rows = []
+    for n in args.sizes:
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model,
+                              "--batch-size", str(args.batch_size)], check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"matching {args.model} x digits CLIP, batch {args.batch_size}; the probe images themselves are held in "
+          "memory by this benchmark (column images MB), the matching statistics are not")
+    print(f"{'images':>8} {'seconds':>9} {'s/1k img':>9} {'RSS before MB':>14} {'peak RSS MB':>12} "
+          f"{'peak-before':>12} {'images MB':>10}")
+    for r in rows:
+        print(f"{r['n']:>8} {r['seconds']:>9.2f} {1000 * r['seconds'] / r['n']:>9.2f} {r['rss_before_mb']:>14.0f} "
+              f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_before_mb']:>12.0f} {r['images_mb']:>10.1f}")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        print(f"time ratio {b['seconds'] / a['seconds']:.2f} for {b['n'] / a['n']:.1f}x images; "
+              f"matching memory (peak - before) ratio "
+              f"{(b['peak_rss_mb'] - b['rss_before_mb']) / max(1e-9, a['peak_rss_mb'] - a['rss_before_mb']):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Step time of each method against ERM on the same model and batch, measured side by side in one run.
+
+The trainers are built from the same recipe and seed; steps alternate between methods (A, B, A, B, ...) so
+both see the same machine state. Prints median seconds per step and the ratio to ERM.
+
+    python tools/bench_step.py                          # erm vs concept (graft) on the default recipe
+    python tools/bench_step.py --methods erm concept --steps 30 --set concept.source=clip
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from debias.recipe import load_recipe
+from debias.train.loop import Trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="recipes/colored_digits.toml")
+    p.add_argument("--methods", nargs="+", default=["erm", "concept"])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
+    args = p.parse_args(argv)
+    trainers = {}
+    tmp = tempfile.mkdtemp(prefix="bench_step.")
+    for method in args.methods:
+        recipe = load_recipe(args.recipe, args.overrides + [f"train.method={method}"])
+        t = Trainer(recipe, f"{tmp}/{method}", progress=False)
+        t.method.on_epoch_start(0)  # the concept method matches and builds its graft here, as in training
+        trainers[method] = t
+    any_t = next(iter(trainers.values()))
+    bs = any_t.recipe.train.batch_size
+    split = any_t.bundle.splits["train"]
+    batch = {"images": split.images[:bs], "labels": split.labels[:bs], "attrs": split.attrs[:bs]}
+    times: dict[str, list[float]] = {m: [] for m in trainers}
+    for i in range(args.warmup + args.steps):
+        for m, t in trainers.items():
+            b = {k: v.to(t.device) for k, v in batch.items()}
+            t0 = time.perf_counter()
+            t.train_step(b)
+            if t.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[m].append(time.perf_counter() - t0)
+    base = statistics.median(times[args.methods[0]])
+    r = any_t.recipe
+    print(f"model {r.model.name}, batch {bs}, unlabeled batch {r.concept.unlabeled_batch_size}, "
+          f"concept source {r.concept.source}, device {any_t.device}, threads {torch.get_num_threads()}, "
+          f"{args.steps} steps each, interleaved")
+    print(f"{'method':<12} {'median s/step':>14} {'ratio':>7}")
+    for m in args.methods:
+        med = statistics.median(times[m])
+        print(f"{m:<12} {med:>14.4f} {med / base:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
