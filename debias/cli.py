@@ -38,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from .io import check_writable
+    from .preflight import check_inputs
     from .recipe import load_recipe
-    from .train.loop import Trainer
 
     overrides = list(args.overrides) + ([f"train.method={args.method}"] if args.method else [])
     recipe = load_recipe(args.recipe, overrides)
+    check_inputs(recipe)  # every missing file named at once, before any data or model is loaded
+    from .train.loop import Trainer
+
     out = Path(args.out)
     trainer = Trainer(recipe, out, progress=not args.no_progress)
     check_writable(out)

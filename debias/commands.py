@@ -49,6 +49,9 @@ def load_standalone_weights(model: StandaloneModel, run_dir: Path, recipe: Recip
 
 def explain_run(recipe_path: str, overrides: list[str], run_dir: Path, out: Path, progress: bool = True) -> dict:
     recipe = load_recipe(recipe_path, overrides)
+    from .preflight import check_inputs
+
+    check_inputs(recipe, model_weights=False)
     if not run_dir.is_dir():
         raise DebiasError(f"--checkpoint {str(run_dir)!r}: not a directory; expected a `debias train` run directory")
     device = resolve_device(recipe.train.device)

@@ -46,7 +46,8 @@ def build_concepts(recipe: Recipe, bundle: DatasetBundle) -> list[ConceptSet]:
     for role, names in (("spurious", c.spurious), ("core", c.core)):
         for name in names:
             caps, attribute = defined[name]
-            n_values = len(bundle.class_names) if attribute == "label" else len(bundle.attr_names) - 1
+            n_attr = len(bundle.attr_names) - (1 if recipe.data.name in ("colored_digits", "colored_mnist") else 0)
+            n_values = len(bundle.class_names) if attribute == "label" else n_attr  # coloured digits add "gray"
             if len(caps) != n_values:
                 raise DebiasError(f"concepts.captions.{name}: {len(caps)} captions for {n_values} "
                                   f"{'classes' if attribute == 'label' else 'attribute values'}; expected one each")

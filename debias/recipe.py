@@ -54,6 +54,8 @@ class DataCfg:
     """Folder datasets: the metadata CSV, relative to ``root`` unless absolute."""
     columns: dict[str, str] = field(default_factory=dict)
     """Folder datasets: CSV column names for ``file``, ``label``, ``split`` and ``attribute``."""
+    split_values: dict[str, str] = field(default_factory=dict)
+    """Folder datasets: CSV split value -> train | val | test | unlabeled | ignore (default: 0/1/2, train/val/test)."""
     attribute_values: list[str] = field(default_factory=list)
     """Folder datasets: names of the spurious attribute's values (index = value in the CSV)."""
     class_names: list[str] = field(default_factory=list)
@@ -142,6 +144,10 @@ class TrainCfg:
     device: str = "auto"
     num_workers: int = field(default=0, metadata=_range(0, 64))
     log_every: int = field(default=10, metadata=_range(1, None))
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
+    """Autocast precision for the training step, the graft included (fp16 adds a gradient scaler on CUDA)."""
+    channels_last: bool = False
+    """Channels-last memory format for the standalone model and its inputs (faster convolutions on GPUs)."""
     skip_nonfinite: bool = False
     """Skip batches whose loss is not finite (counted in TensorBoard) instead of stopping the run."""
 

@@ -58,7 +58,12 @@ def split_base_indices(labels: torch.Tensor, n_classes: int, fractions: dict[str
             n = int(round(frac * len(idx)))
             out[name].append(idx[start:start + n])
             start += n
-    return {name: torch.cat(parts) for name, parts in out.items()}
+    # shuffle within each split, so any prefix (the matching probe's first N images) mixes the classes
+    shuffled = {}
+    for name, parts in out.items():
+        idx = torch.cat(parts)
+        shuffled[name] = idx[torch.randperm(len(idx), generator=gen)]
+    return shuffled
 
 
 def colored_bundle(base: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: DataCfg, seed: int) -> DatasetBundle:

@@ -48,7 +48,7 @@ class StandaloneModel(nn.Module):
 def create_timm_model(name: str, num_classes: int, pretrained: bool, checkpoint: str) -> nn.Module:
     """timm's ``create_model``; a local weights file goes through timm's pretrained loader, which adapts the
     classifier to ``num_classes``. Unknown names list the close ones."""
-    if name not in timm.list_models():
+    if not timm.is_model(name.split(".")[0]) and not timm.is_model(name):
         close = did_you_mean(name, timm.list_models(), n=5)
         raise DebiasError(f"model.name = {name!r}: not a timm model{close}; see timm.list_models()")
     kwargs: dict = {"num_classes": num_classes}

@@ -70,7 +70,12 @@ class Trainer:
         self.bundle = load_dataset(recipe)
         self.model = StandaloneModel(recipe.model.name, self.bundle.num_classes, recipe.model.pretrained,
                                      recipe.model.checkpoint).to(self.device)
+        if recipe.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self._clip = load_clip(recipe.clip, self.device)  # eager: a bad CLIP name or file fails before training
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.train.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.train.precision == "fp16"
+                                           and self.device.type == "cuda")
         self.concepts = build_concepts(recipe, self.bundle)
         self.method = build_method(recipe.train.method, self)
         t = recipe.train
@@ -106,8 +111,10 @@ class Trainer:
         weights = self.method.sample_weights()
         if weights is not None:
             sampler = WeightedRandomSampler(weights.double(), num_samples=len(split), replacement=True, generator=gen)
-            return DataLoader(split, batch_size=self.recipe.train.batch_size, sampler=sampler)
-        return DataLoader(split, batch_size=self.recipe.train.batch_size, shuffle=True, generator=gen)
+            return DataLoader(split, batch_size=self.recipe.train.batch_size, sampler=sampler,
+                              num_workers=self.recipe.train.num_workers)
+        return DataLoader(split, batch_size=self.recipe.train.batch_size, shuffle=True, generator=gen,
+                          num_workers=self.recipe.train.num_workers)
 
     def next_unlabeled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch of the unlabeled stream: images and their indices in the stream (labels withheld)."""
@@ -253,8 +260,12 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step of the method on a batch; returns the loss terms as floats."""
-        terms = self.method.loss_terms(batch, self.step)
-        loss = terms["loss"]
+        if self.recipe.train.channels_last:
+            batch = {**batch, "images": batch["images"].contiguous(memory_format=torch.channels_last)}
+        amp = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
+            terms = self.method.loss_terms(batch, self.step)
+        loss = terms["loss"].float()
         if not torch.isfinite(loss):
             detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
             if self.recipe.train.skip_nonfinite:
@@ -265,8 +276,9 @@ class Trainer:
                               f"checkpoint is kept in {self.out}; set train.skip_nonfinite = true to skip such "
                               "batches")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         return {k: float(v.detach()) for k, v in terms.items()}
 
@@ -332,7 +344,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "method": self.method.state_dict(),
+            "scaler": self.scaler.state_dict(), "method": self.method.state_dict(),
             "history_json": json.dumps(self.history), "best_json": json.dumps(self.best),
             "step_times": torch.tensor(self.step_times, dtype=torch.float64),
             "skipped_steps": torch.tensor(self.skipped_steps, dtype=torch.long),
@@ -367,6 +379,8 @@ class Trainer:
                               f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.history = json.loads(state["history_json"])
