@@ -1,0 +1,108 @@
+"""The shipped digits CLIP: offline loading, checksum, tokenizer, zero-shot quality, and a tiny training run.
+
+Never modifies the shipped files: tampering happens on a copy in ``tmp_path``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from debias.models import digits_clip as dc
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dc.DigitsClip:
+    return dc.load_digits_clip()
+
+
+def test_shipped_model_loads_offline_with_verified_checksum(shipped: dc.DigitsClip) -> None:
+    folder = dc.ASSET_DIR
+    digest = dc.verify_checksum(folder)
+    training = json.loads((folder / dc.TRAINING_FILE).read_text())
+    assert training["weights_sha256"] == digest
+    config = json.loads((folder / dc.CONFIG_FILE).read_text())
+    assert config["model_cfg"] == dc.DIGITS_CLIP_CFG
+    assert config["model_cfg"]["vision_cfg"]["patch_size"] is None  # ModifiedResNet image tower
+    assert type(shipped.model.visual).__name__ == "ModifiedResNet"
+    assert not shipped.model.training
+    assert not any(p.requires_grad for p in shipped.model.parameters())
+    assert shipped.image_size == 32 and len(shipped.mean) == 3 and len(shipped.std) == 3
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    assert size <= 10 * 1024 * 1024, f"asset folder is {size} bytes; at most 10 MB expected"
+
+
+def test_token_embedding_rebuilt_with_only_corpus_rows(shipped: dc.DigitsClip) -> None:
+    weight = shipped.model.token_embedding.weight
+    assert weight.shape == (49408, dc.DIGITS_CLIP_CFG["text_cfg"]["width"])
+    used = torch.zeros(len(weight), dtype=torch.bool)
+    used[dc.corpus_vocabulary()] = True
+    assert weight[~used].abs().sum() == 0
+    assert (weight[used].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("damage", ["tamper", "delete_weights", "delete_checksum"])
+def test_damaged_weights_give_clear_error(tmp_path: Path, damage: str) -> None:
+    folder = tmp_path / "digits_clip"
+    shutil.copytree(dc.ASSET_DIR, folder)
+    weights = folder / dc.WEIGHTS_FILE
+    if damage == "tamper":
+        data = bytearray(weights.read_bytes())
+        data[-100] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=r"digits_clip\.safetensors.*regenerate with python tools/train_digits"):
+            dc.load_digits_clip(path=folder)
+    else:
+        missing = weights if damage == "delete_weights" else folder / dc.CHECKSUM_FILE
+        missing.unlink()
+        with pytest.raises(FileNotFoundError, match=rf"{missing.name}.*regenerate with python tools/train_digits"):
+            dc.load_digits_clip(path=folder)
+
+
+def test_tokenizer_works_offline(shipped: dc.DigitsClip) -> None:
+    tokens = shipped.tokenizer(["a photo of a red digit.", "a photo of a digit with the value 7."])
+    assert tokens.shape == (2, dc.CONTEXT_LENGTH)
+    assert (tokens[:, 0] == 49406).all() and (tokens.argmax(1) > 0).all()  # start and end of text
+    assert torch.equal(tokens, dc.get_tokenizer()(["a photo of a red digit.", "a photo of a digit with the value 7."]))
+    captions, _, _ = dc.corpus_captions()
+    assert (shipped.tokenizer(captions) != 0).sum(1).max() < dc.CONTEXT_LENGTH  # no caption is truncated
+
+
+def test_heldout_split_is_fixed_and_disjoint() -> None:
+    held_in, held_out = dc.heldout_split()
+    assert len(held_in) + len(held_out) == 1797 and 350 <= len(held_out) <= 370
+    assert not set(held_in.tolist()) & set(held_out.tolist())
+    assert torch.equal(held_out, dc.heldout_split()[1])
+
+
+def test_zero_shot_on_heldout_sample(shipped: dc.DigitsClip) -> None:
+    images, digits, colors = dc.heldout_images(n=240, seed=1)
+    acc = dc.zero_shot_accuracy(shipped.model, shipped.tokenizer, shipped.mean, shipped.std, images, digits, colors)
+    assert acc["colour"] >= 0.97, acc
+    assert acc["digit"] >= 0.85, acc
+    assert acc["digit_value"] >= 0.80, acc
+
+
+def test_tiny_training_run_decreases_loss_and_reloads(tmp_path: Path) -> None:
+    out = tmp_path / "tiny"
+    summary = dc.train_digits_clip(out, seed=3, steps=30, batch_size=32, lr=2e-3, warmup=3,
+                                   evaluate=False, progress=False)
+    losses = summary["losses"]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
+    for name in (dc.CONFIG_FILE, dc.WEIGHTS_FILE, dc.CHECKSUM_FILE, dc.TRAINING_FILE):
+        assert (out / name).is_file()
+    loaded = dc.load_digits_clip(path=out)
+    assert loaded.encode_texts(["a photo of the digit seven."]).shape == (1, dc.DIGITS_CLIP_CFG["embed_dim"])
+    assert loaded.encode_images(torch.rand(2, 3, 32, 32)).shape == (2, dc.DIGITS_CLIP_CFG["embed_dim"])
+
+
+def test_training_is_deterministic(tmp_path: Path) -> None:
+    kwargs = dict(seed=5, steps=4, batch_size=16, evaluate=False, progress=False)
+    a = dc.train_digits_clip(tmp_path / "a", **kwargs)
+    b = dc.train_digits_clip(tmp_path / "b", **kwargs)
+    assert a["losses"] == b["losses"]
+    assert a["weights_sha256"] == b["weights_sha256"]
