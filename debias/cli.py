@@ -46,10 +46,17 @@ def _train(args: argparse.Namespace) -> int:
     check_inputs(recipe)  # every missing file named at once, before any data or model is loaded
     from .train.loop import Trainer
 
+    from .distributed import shutdown_distributed
+
     out = Path(args.out)
-    trainer = Trainer(recipe, out, progress=not args.no_progress)
-    check_writable(out)
-    metrics = trainer.fit(force=args.force)
+    try:  # under torchrun (WORLD_SIZE > 1) the Trainer joins the process group; only rank 0 writes and prints
+        trainer = Trainer(recipe, out, progress=not args.no_progress)
+        check_writable(out)
+        metrics = trainer.fit(force=args.force)
+    finally:
+        shutdown_distributed()
+    if not trainer.dist.is_main:
+        return 0
     if metrics.get("already_finished"):
         print(f"run {out} is already finished (pass --force to retrain); its results:")
     _print_summary(metrics, out)

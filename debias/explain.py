@@ -6,6 +6,7 @@ from tqdm.auto import tqdm
 
 from .concepts import ConceptSet, dominant, read_concepts
 from .data.splits import DatasetBundle, Split
+from .distributed import Dist
 from .errors import DebiasError
 from .models.clip import ClipModel
 from .models.standalone import StandaloneModel
@@ -26,18 +27,30 @@ def probe_split(recipe: Recipe, bundle: DatasetBundle) -> Split:
     return split
 
 
-def _batches(split: Split, batch_size: int, limit: int):
+def _batches(split: Split, batch_size: int, limit: int, first: int = 0):
     n = min(limit, len(split))
-    for start in range(0, n, batch_size):
+    for start in range(first, n, batch_size):
         yield split.images[start:min(start + batch_size, n)]
+
+
+def _shard(n: int, dist: Dist | None) -> tuple[int, int, bool]:
+    """This process's block ``[lo, hi)`` of ``n`` images and whether the work is split across processes (only
+    when every process gets at least one image; otherwise every process does all of it)."""
+    if dist is None or not dist.active or n < dist.world:
+        return 0, n, False
+    lo, hi = dist.block(n)
+    return lo, hi, True
 
 
 @torch.no_grad()
 def compute_matching(model: StandaloneModel, clip: ClipModel, split: Split, recipe: Recipe,
-                     device: torch.device, progress: bool = True, reduce=None) -> Matching:
+                     device: torch.device, progress: bool = True, reduce=None, dist: Dist | None = None) -> Matching:
     """Stream the probe images through both models and select matched channels (memory independent of N).
 
-    ``reduce`` (optional) sums the statistics across processes before selection (DDP).
+    ``reduce`` (optional) sums the statistics across processes before selection. ``dist`` (several processes,
+    identical models): each process streams a contiguous block of the probe images, with rank 0's moment shifts
+    (set by its first batch and broadcast before the others accumulate), and the sums are all-reduced, so every
+    process selects the same matching, the one a single process would (up to float rounding).
     """
     m = recipe.matching
     taps = m.standalone_taps or model.tap_names
@@ -50,14 +63,29 @@ def compute_matching(model: StandaloneModel, clip: ClipModel, split: Split, reci
     training = model.training
     model.eval()
     n = min(m.num_images, len(split))
-    bar = tqdm(total=n, desc="matching", unit="img", disable=not progress, leave=False)
-    for images in _batches(split, m.batch_size, m.num_images):
+    lo, hi, sharded = _shard(n, dist)
+    bar = tqdm(total=hi - lo, desc="matching", unit="img", disable=not progress, leave=False)
+
+    def accumulate(images: torch.Tensor) -> None:
         images = images.to(device)
-        _, s_taps = model.forward_taps(images)
+        _, s_taps = model(images, taps=True)
         stats.update({t: s_taps[t] for t in stats.standalone}, clip.stages(images))
         bar.update(images.shape[0])
+
+    batches = _batches(split, m.batch_size, hi, first=lo)
+    if sharded:  # rank 0's first batch sets the shifts every process accumulates with
+        first = next(batches)
+        if dist.is_main:
+            accumulate(first)
+        stats.sync_shifts(dist.broadcast_, device)
+        if not dist.is_main:
+            accumulate(first)
+    for images in batches:
+        accumulate(images)
     bar.close()
     model.train(training)
+    if sharded:
+        stats.all_reduce(dist.all_reduce_)
     if reduce is not None:
         reduce(stats)
     return select_matches(stats, m.selection, m.threshold, stages=None,
@@ -71,18 +99,22 @@ def build_graft(clip: ClipModel, matching: Matching, recipe: Recipe) -> GraftedC
 
 @torch.no_grad()
 def embed(model: StandaloneModel, graft: GraftedCLIP, clip: ClipModel, split: Split, device: torch.device,
-          batch_size: int = 256, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grafted and plain-CLIP embeddings of a split."""
+          batch_size: int = 256, limit: int | None = None, dist: Dist | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grafted and plain-CLIP embeddings of a split (with ``dist``: each process embeds a block, all gathered)."""
     training = model.training
     model.eval()
     g_out, c_out = [], []
     n = len(split) if limit is None else min(limit, len(split))
-    for images in _batches(split, batch_size, n):
+    lo, hi, sharded = _shard(n, dist)
+    for images in _batches(split, batch_size, hi, first=lo):
         images = images.to(device)
-        _, taps = model.forward_taps(images)
+        _, taps = model(images, taps=True)
         g_out.append(graft(images, taps).float().cpu())
         c_out.append(clip.encode_image(images).float().cpu())
     model.train(training)
+    if sharded:
+        return dist.gather_blocks(torch.cat(g_out), n), dist.gather_blocks(torch.cat(c_out), n)
     return torch.cat(g_out), torch.cat(c_out)
 
 
@@ -93,11 +125,14 @@ def text_embeddings(clip: ClipModel, concepts: list[ConceptSet]) -> dict[str, to
 @torch.no_grad()
 def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, recipe: Recipe, split: Split,
                   concepts: list[ConceptSet], device: torch.device, progress: bool = True,
-                  control_draws: int | None = None) -> dict:
-    """Concept scores of the grafted model on ``split``, the dominant concept and the random-matching control."""
+                  control_draws: int | None = None, dist: Dist | None = None) -> dict:
+    """Concept scores of the grafted model on ``split``, the dominant concept and the random-matching control.
+
+    ``dist``: the embeddings are computed in blocks across processes and gathered, so every process returns the
+    same result."""
     text = text_embeddings(clip, concepts)
     graft = build_graft(clip, matching, recipe).to(device)
-    g_emb, c_emb = embed(model, graft, clip, split, device)
+    g_emb, c_emb = embed(model, graft, clip, split, device, dist=dist)
     readout = read_concepts(g_emb, c_emb, split.labels, split.attrs, concepts, text)
     scores = readout.scores()
     draws = []
@@ -106,7 +141,7 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
     for _ in tqdm(range(draws_wanted), desc="control", leave=False, disable=not progress):
         rand = random_matching(matching, model.tap_channels, gen)
         rg = build_graft(clip, rand, recipe).to(device)
-        rg_emb, _ = embed(model, rg, clip, split, device)
+        rg_emb, _ = embed(model, rg, clip, split, device, dist=dist)
         draws.append(read_concepts(rg_emb, c_emb, split.labels, split.attrs, concepts, text).scores())
     control = {c.name: (sum(d[c.name] for d in draws) / len(draws)) if draws else float("nan") for c in concepts}
     control_std = {c.name: (torch.tensor([d[c.name] for d in draws]).std().item() if len(draws) > 1 else 0.0)

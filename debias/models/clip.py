@@ -108,7 +108,7 @@ def load_clip(cfg: ClipCfg, device: torch.device | str = "cpu") -> ClipModel:
     if cfg.name == "digits":
         from .digits_clip import load_digits_clip
 
-        loaded = load_digits_clip(device=device)
+        loaded = load_digits_clip(device=device, path=cfg.pretrained or None)  # a regenerated copy, if given
         return ClipModel(loaded.model, loaded.tokenizer, loaded.mean, loaded.std, "digits").to(device)
     if cfg.name not in open_clip.list_models():
         raise DebiasError(f"clip.name = {cfg.name!r}: not an open_clip model{did_you_mean(cfg.name, resnet_clip_names())}"

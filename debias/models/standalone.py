@@ -13,8 +13,10 @@ from ..errors import DebiasError, did_you_mean
 class StandaloneModel(nn.Module):
     """A timm CNN that takes images in [0, 1] and normalises them with its own pretrained mean/std.
 
-    ``forward(x)`` gives logits; ``forward_taps(x)`` gives logits and the stage outputs (the taps matched
-    against CLIP), using timm's ``forward_intermediates`` + ``forward_head`` so nothing runs twice.
+    ``forward(x)`` gives logits; ``forward(x, taps=True)`` (or ``forward_taps(x)``) gives logits and the stage
+    outputs (the taps matched against CLIP), using timm's ``forward_intermediates`` + ``forward_head`` so nothing
+    runs twice. The taps path is a ``forward`` argument so that it also runs through DistributedDataParallel's
+    forward (which only wraps ``forward``) when training on several processes.
     """
 
     def __init__(self, name: str, num_classes: int, pretrained: bool = False, checkpoint: str = ""):
@@ -36,13 +38,18 @@ class StandaloneModel(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
-
-    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, taps: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits, or ``(logits, {tap name: stage output})`` when ``taps``."""
+        if not taps:
+            return self.net(self.normalize(x))
         final, intermediates = self.net.forward_intermediates(self.normalize(x))
         logits = self.net.forward_head(final)
         return logits, dict(zip(self.tap_names, intermediates))
+
+    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and taps (same as ``self(x, taps=True)``; kept for callers holding the unwrapped model)."""
+        return self(x, taps=True)
 
 
 def create_timm_model(name: str, num_classes: int, pretrained: bool, checkpoint: str) -> nn.Module:

@@ -10,6 +10,7 @@ all standalone taps to each CLIP stage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,12 @@ class _Moments:
     def tensors(self) -> list[torch.Tensor]:
         return [self.n, self.s, self.ss]
 
+    def shift_tensor(self, device: torch.device) -> torch.Tensor:
+        """The shift, allocated as zeros (on ``device``) if no batch has set it yet: a buffer to broadcast into."""
+        if self.shift is None:
+            self.shift = torch.zeros(self.s.shape[0], dtype=torch.float32, device=device)
+        return self.shift
+
 
 class MatchingStats:
     """Streaming statistics for matching ``standalone`` taps to ``clip`` stages (dicts name -> channels)."""
@@ -104,6 +111,26 @@ class MatchingStats:
             y = self.stitch_y[c].update(_flat(c_taps[c]))
             self.stitch_xx[c] = self.stitch_xx[c].to(x.device) + (x.T @ x).double()
             self.stitch_xy[c] = self.stitch_xy[c].to(x.device) + (x.T @ y).double()
+
+    def _moments(self) -> list[_Moments]:
+        return (list(self.native.values()) + list(self.pair_x.values()) + list(self.pair_y.values())
+                + [self.stitch_x[c] for c in self.stitch_stages] + [self.stitch_y[c] for c in self.stitch_stages])
+
+    def sync_shifts(self, broadcast: Callable[[list[torch.Tensor]], None], device: torch.device) -> None:
+        """Make every process use rank 0's shifts before it accumulates anything.
+
+        Each moment is shifted by the mean of the first batch it saw, so sums from processes that streamed
+        different images only add up once the shifts agree. Protocol: rank 0 updates with its first batch, then
+        every rank calls this (``broadcast`` overwrites tensors in place with rank 0's values), then the other
+        ranks update with their batches.
+        """
+        broadcast([m.shift_tensor(device) for m in self._moments()])
+
+    def all_reduce(self, all_reduce_: Callable[[list[torch.Tensor]], None]) -> None:
+        """Sum the statistics of all processes in place (``all_reduce_`` sums a list of tensors over ranks)."""
+        count = torch.tensor(float(self.num_images), dtype=torch.float64)
+        all_reduce_([count] + self.tensors()[1:])
+        self.num_images = int(count.item())
 
     def tensors(self) -> list[torch.Tensor]:
         """Every summed tensor, for ``all_reduce`` across processes (shifts must agree: see ``sync_shifts``)."""

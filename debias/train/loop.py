@@ -2,6 +2,14 @@
 
 A run directory holds ``recipe.toml`` (resolved), ``model.safetensors`` + ``state.pt`` (last checkpoint),
 ``metrics.json``, ``tb/`` (TensorBoard events), plots, and a ``done`` marker once finished.
+
+Several processes (``torchrun --nproc_per_node=N -m debias train ...``, see :mod:`debias.distributed`): the model
+is wrapped in DistributedDataParallel (``self.model``; ``self.net`` is the plain model for weights, matching and
+evaluation); each process takes the stride share ``batch[rank::world]`` of every global batch (the batches a
+single process would draw, ``train.batch_size`` images) and of every unlabeled-stream batch; BatchNorm buffers are
+broadcast from rank 0 at every epoch boundary, so all processes hold the same model whenever they match, track or
+evaluate; matching statistics are all-reduced and evaluation predictions and embeddings gathered, so every process
+computes the same figures; only rank 0 writes the run directory and prints.
 """
 from __future__ import annotations
 
@@ -15,13 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .. import io
 from ..concepts import build_concepts
 from ..data import load_dataset
+from ..distributed import Dist, init_distributed
 from ..errors import DebiasError
 from ..evaluate import evaluate_splits
 from ..explain import compute_matching, explain_model, probe_split
@@ -54,7 +64,7 @@ def _cosine_with_warmup(total: int, warmup: int):
         if step < warmup:
             return (step + 1) / max(1, warmup)
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+        return float(0.5 * (1 + np.cos(np.pi * min(1.0, progress))))  # a Python float: checkpoints load weights-only
     return factor
 
 
@@ -64,14 +74,21 @@ class Trainer:
     def __init__(self, recipe: Recipe, out: str | Path, progress: bool = True):
         self.recipe = recipe
         self.out = Path(out)
-        self.progress = progress
-        self.device = resolve_device(recipe.train.device)
+        self.dist: Dist = init_distributed(recipe.train.device)  # a no-op single-process Dist without torchrun
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device if self.dist.active else resolve_device(recipe.train.device)
         seed_everything(recipe.seed)
         self.bundle = load_dataset(recipe)
-        self.model = StandaloneModel(recipe.model.name, self.bundle.num_classes, recipe.model.pretrained,
-                                     recipe.model.checkpoint).to(self.device)
+        self.net = StandaloneModel(recipe.model.name, self.bundle.num_classes, recipe.model.pretrained,
+                                   recipe.model.checkpoint).to(self.device)
         if recipe.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.model: torch.nn.Module = self.net
+        """What methods call for training forwards: the plain model, or its DistributedDataParallel wrapper."""
+        if self.dist.active:
+            self._check_batch_sizes()
+            self.model = DistributedDataParallel(self.net, device_ids=[self.device.index]
+                                                 if self.device.type == "cuda" else None)
         self._clip = load_clip(recipe.clip, self.device)  # eager: a bad CLIP name or file fails before training
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.train.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.train.precision == "fp16"
@@ -79,8 +96,10 @@ class Trainer:
         self.concepts = build_concepts(recipe, self.bundle)
         self.method = build_method(recipe.train.method, self)
         t = recipe.train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        self.steps_per_epoch = max(1, -(-len(self.bundle.splits["train"]) // t.batch_size))
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        n_train = len(self.bundle.splits["train"])
+        # a trailing batch too small to give every process an image is dropped (never with one process)
+        self.steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size >= self.dist.world))
         total = self.steps_per_epoch * t.epochs
         warmup = int(round(t.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine_with_warmup(total, warmup))
@@ -97,11 +116,35 @@ class Trainer:
         self.skipped_steps: list[int] = []
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
-        self.writer: SummaryWriter | None = None
+        self.writer: SummaryWriter | _NullWriter | None = None
 
     @property
     def clip(self):
         return self._clip
+
+    def _check_batch_sizes(self) -> None:
+        """Every process needs a share of every global batch."""
+        world = self.dist.world
+        if self.recipe.train.batch_size < world:
+            raise DebiasError(f"train.batch_size = {self.recipe.train.batch_size}: the global batch is split across "
+                              f"{world} processes; give it at least {world} images")
+        if self.method_needs_unlabeled() and self.recipe.concept.unlabeled_batch_size < world:
+            raise DebiasError(f"concept.unlabeled_batch_size = {self.recipe.concept.unlabeled_batch_size}: the "
+                              f"unlabeled batch is split across {world} processes; give it at least {world} images")
+
+    def method_needs_unlabeled(self) -> bool:
+        from .methods import METHODS
+
+        cls = METHODS.get(self.recipe.train.method)
+        return bool(cls is not None and cls.needs_unlabeled)
+
+    def _sync_buffers(self) -> None:
+        """Broadcast rank 0's buffers (BatchNorm running statistics), so that every process holds the same model.
+
+        DistributedDataParallel keeps parameters in step; buffers it copies from rank 0 at the start of each
+        training forward, after which each process updates them from its own share of the batch."""
+        if self.dist.active:
+            self.dist.broadcast_(list(self.net.buffers()))
 
     # ------------------------------------------------------------------------------------------- data
     def train_loader(self, epoch: int) -> DataLoader:
@@ -109,6 +152,13 @@ class Trainer:
         split.set_epoch(epoch)
         gen = torch.Generator().manual_seed(self.recipe.seed * 7_919 + epoch)
         weights = self.method.sample_weights()
+        if self.dist.active:  # the same global batches as one process would draw; this rank loads its share
+            t = self.recipe.train
+            sampler = (RandomSampler(split, generator=gen) if weights is None else
+                       WeightedRandomSampler(weights.double(), num_samples=len(split), replacement=True, generator=gen))
+            shares = _RankShares(BatchSampler(sampler, t.batch_size, drop_last=False), self.dist)
+            return DataLoader(split, batch_sampler=shares, num_workers=t.num_workers,
+                              generator=gen if weights is None else None)
         if weights is not None:
             sampler = WeightedRandomSampler(weights.double(), num_samples=len(split), replacement=True, generator=gen)
             return DataLoader(split, batch_size=self.recipe.train.batch_size, sampler=sampler,
@@ -129,6 +179,7 @@ class Trainer:
                 self._unlabeled_iter = iter(order.split(size))
             idx = next(self._unlabeled_iter, None)
             if idx is not None and len(idx) == size:
+                idx = self.dist.stride(idx)  # this process's share of the global batch
                 return stream.images[idx].to(self.device), idx
             self._unlabeled_iter = None
 
@@ -137,8 +188,8 @@ class Trainer:
         """Match the current model to CLIP on the probe images and rebuild the graft."""
         from ..explain import build_graft
 
-        self.matching = compute_matching(self.model, self.clip, probe_split(self.recipe, self.bundle), self.recipe,
-                                         self.device, progress=False)
+        self.matching = compute_matching(self.net, self.clip, probe_split(self.recipe, self.bundle), self.recipe,
+                                         self.device, progress=False, dist=self.dist)
         self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
         self.matching_epoch = self.epoch
 
@@ -146,14 +197,14 @@ class Trainer:
         """End-of-epoch figures: validation accuracy, worst-group accuracy and (optionally) concept dominance."""
         sel = self.recipe.selection
         split = self.bundle.splits[sel.split]
-        val = evaluate_splits(self.model, {sel.split: split}, self.device)[sel.split]
+        val = evaluate_splits(self.net, {sel.split: split}, self.device, dist=self.dist)[sel.split]
         row: dict[str, Any] = {"epoch": self.epoch, "val_accuracy": val["accuracy"],
                                "val_worst_group_accuracy": val["worst_group_accuracy"]}
         if sel.track_concepts:
             if self.matching_epoch != self.epoch:
                 self.rematch()
-            ex = explain_model(self.model, self.clip, self.matching, self.recipe, split, self.concepts, self.device,
-                               progress=False, control_draws=0)
+            ex = explain_model(self.net, self.clip, self.matching, self.recipe, split, self.concepts, self.device,
+                               progress=False, control_draws=0, dist=self.dist)
             core = [v for k, v in ex["scores"].items() if ex["roles"][k] == "core"]
             spur = [v for k, v in ex["scores"].items() if ex["roles"][k] == "spurious"]
             row["concept_scores"] = ex["scores"]
@@ -174,7 +225,8 @@ class Trainer:
         for rule, value in rules.items():
             if rule not in self.best or value >= self.best[rule]["value"]:
                 self.best[rule] = {"epoch": self.epoch, "value": value}
-                io.save_tensors(self.out / f"best_{rule}.safetensors", self.model.state_dict())
+                if self.dist.is_main:
+                    io.save_tensors(self.out / f"best_{rule}.safetensors", self.net.state_dict())
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self, force: bool = False) -> dict[str, Any]:
@@ -192,19 +244,23 @@ class Trainer:
             self.check_same_recipe()
             self.load_checkpoint()
             resumed = True
-        elif force:
+        elif force and self.dist.is_main:
             done.unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        io.atomic_write_text(self.out / "recipe.toml", recipe_to_toml(r))
-        self.writer = SummaryWriter(str(self.out / "tb"))
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            io.atomic_write_text(self.out / "recipe.toml", recipe_to_toml(r))
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        else:
+            self.writer = _NullWriter()
         stop = _StopFlag()
         t0 = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch * r.train.epochs, initial=self.step, desc=f"train {r.train.method}",
                    unit="step", disable=not self.progress)
-        if resumed:
+        if resumed and self.dist.is_main:
             bar.write(f"resumed {self.out} at epoch {self.epoch}, step {self.step}")
         with stop:
             for epoch in range(self.epoch, r.train.epochs):
+                self._sync_buffers()
                 if self.batch_in_epoch == 0:
                     self.method.on_epoch_start(epoch)
                 self._unlabeled_iter = None
@@ -229,14 +285,17 @@ class Trainer:
                     bar.update(1)
                     if terms:
                         bar.set_postfix(loss=f"{terms['loss']:.3f}")
-                    if stop.requested:
+                    if self.dist.any(stop.requested is not None):  # every process stops after the same step
                         self.save_checkpoint()
                         bar.close()
+                        self.dist.barrier()
                         raise TrainingInterrupted(
-                            f"stopped by {stop.requested} after step {self.step} (epoch {epoch}); checkpoint "
+                            f"stopped by {stop.requested or 'a signal to another process'} after step {self.step} "
+                            f"(epoch {epoch}); checkpoint "
                             f"written to {self.out / CHECKPOINT}; resume with the same command (same --out)")
                 self.epoch = epoch + 1
                 self.batch_in_epoch = 0
+                self._sync_buffers()
                 row = self.track()
                 self.history.append(row)
                 self.update_selection(row)
@@ -266,8 +325,12 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
             terms = self.method.loss_terms(batch, self.step)
         loss = terms["loss"].float()
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        logged = terms
+        if self.dist.active:  # the mean over processes: logged, and one finiteness verdict for every process
+            means = self.dist.mean(torch.stack([v.detach().float() for v in terms.values()]))
+            logged = dict(zip(terms, means))
+        if not torch.isfinite(logged["loss"]):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in logged.items())
             if self.recipe.train.skip_nonfinite:
                 self.skipped_steps.append(self.step)
                 self.writer.add_scalar("train/skipped_nonfinite", len(self.skipped_steps), self.step)
@@ -280,12 +343,12 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: float(v.detach()) for k, v in logged.items()}
 
     # ------------------------------------------------------------------------------------------- end of run
     def finish(self, train_s: float) -> dict[str, Any]:
         r = self.recipe
-        splits = evaluate_splits(self.model, self.bundle.splits, self.device)
+        splits = evaluate_splits(self.net, self.bundle.splits, self.device, dist=self.dist)
         for name, m in splits.items():
             self.writer.add_scalar(f"final/{name}/accuracy", m["accuracy"], self.epoch)
             self.writer.add_scalar(f"final/{name}/worst_group_accuracy", m["worst_group_accuracy"], self.epoch)
@@ -303,13 +366,17 @@ class Trainer:
             "history": self.history,
             "recipe": r.to_dict(),
         }
-        io.atomic_write_json(self.out / "metrics.json", metrics)
-        from ..report import plot_concept_scores
+        if self.dist.active:
+            metrics["distributed"] = {"world_size": self.dist.world, "backend": torch.distributed.get_backend()}
+        if self.dist.is_main:
+            io.atomic_write_json(self.out / "metrics.json", metrics)
+            from ..report import plot_concept_scores
 
-        plot_concept_scores(explanation, self.out / "concept_scores.png",
-                            title=f"{r.model.name} / {r.train.method} / bias {r.data.bias}")
-        self.writer.close()
-        io.atomic_write_text(self.out / io.DONE_MARKER, "finished\n")
+            plot_concept_scores(explanation, self.out / "concept_scores.png",
+                                title=f"{r.model.name} / {r.train.method} / bias {r.data.bias}")
+            self.writer.close()
+            io.atomic_write_text(self.out / io.DONE_MARKER, "finished\n")
+        self.dist.barrier()  # the other processes return once the run directory is complete
         return metrics
 
     def explain(self) -> dict[str, Any]:
@@ -321,28 +388,34 @@ class Trainer:
         if self.matching_epoch != self.epoch or self.matching is None:
             self.rematch()
         matching = self.matching
-        io.save_tensors(self.out / "matching.safetensors", matching.state_dict())
-        return explain_model(self.model, self.clip, matching, r, self.bundle.splits[split_name], self.concepts,
-                             self.device, self.progress)
+        if self.dist.is_main:
+            io.save_tensors(self.out / "matching.safetensors", matching.state_dict())
+        return explain_model(self.net, self.clip, matching, r, self.bundle.splits[split_name], self.concepts,
+                             self.device, self.progress, dist=self.dist)
 
     def evaluate_selection(self) -> dict[str, Any]:
         """Test figures of the checkpoint each selection rule picked."""
         import copy
 
         out = {}
-        shadow = copy.deepcopy(self.model)
+        shadow = copy.deepcopy(self.net)
+        self.dist.barrier()  # rank 0 wrote the best_*.safetensors files
         for rule, best in sorted(self.best.items()):
             shadow.load_state_dict(io.load_tensors(self.out / f"best_{rule}.safetensors"))
             splits = evaluate_splits(shadow, {k: v for k, v in self.bundle.splits.items() if k != "train"},
-                                     self.device)
+                                     self.device, dist=self.dist)
             out[rule] = {"epoch": best["epoch"], "value": best["value"], "splits": splits}
         return out
 
     def save_checkpoint(self) -> None:
-        """One atomic file with everything a resumed run needs, plus the weights as safetensors for sharing."""
+        """One atomic file with everything a resumed run needs, plus the weights as safetensors for sharing.
+
+        Rank 0 writes (every process holds the same model, optimizer and schedule); the others do nothing."""
+        if not self.dist.is_main:
+            return
         state = {
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-            "model": self.model.state_dict(),
+            "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "method": self.method.state_dict(),
             "history_json": json.dumps(self.history), "best_json": json.dumps(self.best),
@@ -357,7 +430,7 @@ class Trainer:
             "meta": {"model": self.recipe.model.name, "classes": ",".join(self.bundle.class_names)},
         }
         io.save_state(self.out / CHECKPOINT, state)
-        io.save_tensors(self.out / "model.safetensors", self.model.state_dict(),
+        io.save_tensors(self.out / "model.safetensors", self.net.state_dict(),
                         metadata={"model": self.recipe.model.name, "num_classes": str(self.bundle.num_classes),
                                   "classes": ",".join(self.bundle.class_names), "epoch": str(self.epoch)})
 
@@ -373,7 +446,7 @@ class Trainer:
                               f"does not fit the recipe's {self.recipe.model.name!r} on "
                               f"[{','.join(self.bundle.class_names)}]")
         try:
-            self.model.load_state_dict(state["model"])
+            self.net.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise DebiasError(f"{path}: weights do not fit {self.recipe.model.name}: "
                               f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
@@ -393,7 +466,7 @@ class Trainer:
         _set_python_state(json.loads(state["rng_python_json"]))
         self._unlabeled_round = int(state["unlabeled_round"])
         if state["matching"]:
-            self.matching = Matching.from_state_dict(state["matching"], self.model.tap_names,
+            self.matching = Matching.from_state_dict(state["matching"], self.net.tap_names,
                                                      self.recipe.matching.selection)
             self.matching_epoch = int(state["matching_epoch"])
             self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
@@ -410,6 +483,33 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+class _RankShares(Sampler[list[int]]):
+    """This process's stride share ``batch[rank::world]`` of every global batch of ``batches``; a trailing batch
+    with fewer images than processes is skipped (by every process alike)."""
+
+    def __init__(self, batches: BatchSampler, dist: Dist):
+        self.batches, self.dist = batches, dist
+
+    def __iter__(self):
+        for batch in self.batches:
+            if len(batch) >= self.dist.world:
+                yield batch[self.dist.rank::self.dist.world]
+
+    def __len__(self) -> int:
+        n, size = len(self.batches.sampler), self.batches.batch_size
+        return n // size + (n % size >= self.dist.world)
+
+
+class _NullWriter:
+    """TensorBoard writer of the processes other than rank 0: writes nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class TrainingInterrupted(DebiasError):

@@ -122,9 +122,12 @@ class ConceptPenalty(Method):
         return (self.trainer.clip.logit_scale / self.cfg.temperature * emb.float() @ text.T).softmax(-1)
 
     def on_epoch_start(self, epoch: int) -> None:
-        every = self.cfg.rematch_every
-        if self.cfg.source == "graft" and (self.trainer.graft is None or (every and epoch % every == 0)):
-            self.trainer.rematch()
+        every, trainer = self.cfg.rematch_every, self.trainer
+        if self.cfg.source != "graft":
+            return
+        due = trainer.graft is None or (every and epoch % every == 0 and trainer.matching_epoch != epoch)
+        if due:  # the end-of-epoch tracking may already have matched this very model
+            trainer.rematch()
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         model, trainer = self.trainer.model, self.trainer
@@ -132,7 +135,7 @@ class ConceptPenalty(Method):
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
         if self.cfg.source == "graft":
-            logits, taps = model.forward_taps(x)  # one forward for both batches; the graft reuses its taps
+            logits, taps = model(x, taps=True)  # one forward (DDP's, when distributed); the graft reuses its taps
             with torch.no_grad():
                 emb = trainer.graft(images_u, {k: v[n:].detach() for k, v in taps.items()})
                 q = self._softmax(emb, trainer.clip.encode_text(self.concept.captions))
@@ -140,7 +143,9 @@ class ConceptPenalty(Method):
             logits = model(x)
             q = self._cache_q()[index_u].to(x.device)
         nll = F.cross_entropy(logits[:n], batch["labels"])
-        penalty = soft_mutual_information(logits[n:].float().softmax(-1), q.float())
+        # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
+        p_all, q_all = trainer.dist.gather_rows(logits[n:].float().softmax(-1)), trainer.dist.gather_rows(q.float())
+        penalty = soft_mutual_information(p_all, q_all)
         return {"loss": nll + self.cfg.weight * penalty, "nll": nll, "penalty": penalty}
 
 
