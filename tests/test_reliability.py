@@ -1,0 +1,167 @@
+"""Reliability: bad input gets one clear line and exit code 2 and writes nothing; unsafe checkpoints are refused;
+killed runs resume to the same result."""
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from debias.cli import main
+
+RECIPE = "recipes/colored_digits.toml"
+TINY = ["train.epochs=2", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
+        "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t"]
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "erm"
+    assert main(["train", RECIPE, "--out", str(out), "--no-progress", "--set", *TINY, "train.epochs=1"]) == 0
+    return out
+
+
+def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
+    syntax = tmp / "syntax.toml"
+    syntax.write_text("seed = 0\n[data\nbias = 1.0\n")
+    latin = tmp / "latin1.toml"
+    latin.write_bytes("seed = 0 # caf\xe9\n".encode("latin-1"))
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    no_metrics = tmp / "empty_run"
+    no_metrics.mkdir(exist_ok=True)
+    corrupt = tmp / "corrupt_run"
+    corrupt.mkdir(exist_ok=True)
+    (corrupt / "metrics.json").write_text("{not json")
+    out = str(tmp / "out")
+    t = ["train", RECIPE, "--out", out, "--no-progress", "--set"]
+    return [
+        ("toml syntax error", ["train", str(syntax), "--out", out], "line 2"),
+        ("recipe not utf-8", ["train", str(latin), "--out", out], "latin1.toml"),
+        ("missing recipe file", ["train", str(tmp / "nope.toml"), "--out", out], "nope.toml"),
+        ("recipe is a directory", ["train", str(tmp), "--out", out], "is not a file"),
+        ("unknown key, suggestion", t + ["data.biass=0.5"], "did you mean 'bias'"),
+        ("unknown section", t + ["dataa.bias=0.5"], "did you mean 'data'"),
+        ("wrong type", t + ['data.bias="high"'], "data.bias = 'high'"),
+        ("bias above 1", t + ["data.bias=1.5"], "data.bias = 1.5"),
+        ("bias below 0", t + ["data.bias=-0.1"], "data.bias = -0.1"),
+        ("empty caption list", t + ["concepts.captions.color=[]"], "concepts.captions.color"),
+        ("class not in dataset", t + ["data.classes=[5, 11]"], "11 is not a digit"),
+        ("colour not in palette", t + ['data.colors=["red", "pink"]'], "'pink' is not in the palette"),
+        ("undefined spurious concept", t + ['concepts.spurious=["texture"]'], "'texture' is not defined"),
+        ("epochs zero", t + ["train.epochs=0"], "train.epochs = 0"),
+        ("bad graft stage", t + ['graft.stages=["layer9"]'], "'layer9'"),
+        ("bad selection", t + ["matching.selection=greedy"], "matching.selection = 'greedy'"),
+        ("unknown method", t + ["train.method=ermm"], "did you mean 'erm'"),
+        ("unknown augmentation", t + ['augment.transforms=["solarise"]'], "'solarise'"),
+        ("split fractions over 1", t + ["data.split_fractions.train=0.9"], "sum to"),
+        ("override without =", t + ["data.bias"], "expected key=value"),
+        ("override bad literal", t + ["data.colors=[red"], "is not a TOML value"),
+        ("unknown timm model", t + ["model.name=resnet19"], "model.name = 'resnet19'"),
+        ("missing model weights file", t + ["model.checkpoint=/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
+        ("unknown open_clip model", t + ["clip.name=RN51"], "clip.name = 'RN51'"),
+        ("missing clip weights file", t + ["clip.name=RN50-quickgelu", "clip.pretrained=/nope/RN50.pt"],
+         "/nope/RN50.pt"),
+        ("clip tag not cached", t + ["clip.name=RN50-quickgelu", "clip.pretrained=openai",
+                                     f"clip.cache_dir={tmp / 'empty_cache'}"], "not in the local cache"),
+        ("cuda on a CPU machine", t + ["train.device=cuda"], "train.device = 'cuda'")
+        if not torch.cuda.is_available() else ("device typo", t + ["train.device=gpu"], "train.device = 'gpu'"),
+        ("output not writable", ["train", RECIPE, "--out", str(a_file / "run"), "--no-progress", "--set", *TINY],
+         "not writable"),
+        ("explain: no such run", ["explain", RECIPE, "--checkpoint", str(tmp / "missing_run"), "--out", out],
+         "missing_run"),
+        ("explain: other model's checkpoint", ["explain", RECIPE, "--checkpoint", str(run), "--out", out, "--set",
+                                              "model.name=resnet18"], "'resnet10t' model"),
+        ("explain: other classes", ["explain", RECIPE, "--checkpoint", str(run), "--out", out, "--set",
+                                   *TINY, "data.classes=[3, 6]"], "classes [5,8]"),
+        ("compare: not a run", ["compare", str(no_metrics), "--out", out], "metrics.json"),
+        ("compare: corrupt metrics", ["compare", str(corrupt), "--out", out], "not valid JSON"),
+    ]
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, finished_run, capsys):
+    cases = _bad_inputs(tmp_path, finished_run)
+    assert len(cases) >= 25
+    run_before = _snapshot(finished_run)
+    for name, argv, needle in cases:
+        before = _snapshot(tmp_path)
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, f"{name}: exit {code}, stderr {err!r}"
+        assert len(err.splitlines()) == 1, f"{name}: not one line: {err!r}"
+        assert needle in err, f"{name}: {needle!r} not in {err!r}"
+        assert "Traceback" not in err
+        assert _snapshot(tmp_path) == before, f"{name}: something was written"
+    assert _snapshot(finished_run) == run_before
+
+
+def test_crafted_checkpoint_is_refused_without_running_code(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(out / "checkpoint.pt", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    code = main(["train", RECIPE, "--out", str(out), "--no-progress", "--set", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "refused to load" in err and "checkpoint.pt" in err
+    assert not marker.exists()
+
+
+def _metrics_without_timing(path: Path) -> dict:
+    m = json.loads(path.read_text())
+    m.pop("timing")
+    return m
+
+
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
+    args = [sys.executable, "-m", "debias", "train", RECIPE, "--no-progress", "--set", *TINY, "train.epochs=3",
+            "train.method=concept", "concept.unlabeled_batch_size=8", "selection.track_concepts=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    t0 = time.perf_counter()
+    subprocess.run(args + ["--out", str(ref)], check=True, env=env, capture_output=True)
+    duration = time.perf_counter() - t0
+    run = tmp_path / "killed"
+    rng = random.Random(0)
+    kills, reads = 0, 0
+    while kills < 5:
+        proc = subprocess.Popen(args + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 0.8) * duration)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        for name in ("checkpoint.pt", "model.safetensors", "metrics.json"):
+            path = run / name
+            if path.exists():  # whatever a kill left behind must be whole
+                reads += 1
+                if name.endswith(".pt"):
+                    torch.load(path, weights_only=True)
+                elif name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+                    load_file(str(path))
+                else:
+                    json.loads(path.read_text())
+        if (run / "done").exists():  # finished before five kills: start over and keep killing
+            shutil.rmtree(run)
+    subprocess.run(args + ["--out", str(run)], check=True, env=env, capture_output=True)
+    assert (run / "done").exists()
+    assert kills == 5 and reads >= 1
+    assert _metrics_without_timing(run / "metrics.json") == _metrics_without_timing(ref / "metrics.json")
