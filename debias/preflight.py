@@ -15,7 +15,7 @@ import csv
 import os
 from pathlib import Path
 
-from .errors import DebiasError
+from .errors import DebiasError, did_you_mean
 from .recipe import Recipe
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -171,8 +171,13 @@ def _clip_weights_problem(recipe: Recipe) -> str | None:
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if Path(pretrained).is_file():  # a file path: no need to import open_clip to check it
             return None
-    from .models.clip import resolve_clip_weights
+    import open_clip
 
+    from .models.clip import resnet_clip_names, resolve_clip_weights
+
+    if c.name not in open_clip.list_models():
+        return (f"clip.name = {c.name!r}: not an open_clip model{did_you_mean(c.name, resnet_clip_names())}; "
+                f"ResNet CLIPs: {resnet_clip_names()}")
     try:
         resolve_clip_weights(c.name, pretrained, c.cache_dir)
     except DebiasError as exc:

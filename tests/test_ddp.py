@@ -90,6 +90,9 @@ def test_two_processes_match_one_process(tmp_path, case):
         assert one["splits"][split]["n"] == two["splits"][split]["n"]  # gathered predictions cover the split
     f1, f2 = _figures(one), _figures(two)
     keys = [k for k in f1 if controls or not k.startswith("control/")]
-    bad = {k: (f1[k], f2[k]) for k in keys if not abs(f1[k] - f2[k]) <= tol and not (f1[k] != f1[k] and f2[k] != f2[k])}
-    assert not bad, f"figures differ by more than {tol}: {bad}"
+    # a worst group holds ~18 images here, so one flipped boundary image moves it by 0.056: allow twice the tolerance
+    limit = {k: 2 * tol if k.endswith("worst_group") else tol for k in keys}
+    bad = {k: (f1[k], f2[k]) for k in keys
+           if not abs(f1[k] - f2[k]) <= limit[k] and not (f1[k] != f1[k] and f2[k] != f2[k])}
+    assert not bad, f"figures differ by more than the tolerance ({tol}; worst groups {2 * tol}): {bad}"
     assert one["explain"]["dominant_concept"] == two["explain"]["dominant_concept"]
