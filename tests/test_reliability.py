@@ -139,6 +139,17 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     duration = time.perf_counter() - t0
     run = tmp_path / "killed"
     rng = random.Random(0)
+    # SIGTERM first: the run stops after the current step with a mid-epoch checkpoint and says how to resume
+    proc = subprocess.Popen(args + ["--out", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    while not (run / "tb").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3 * duration)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == 2, err
+    assert "SIGTERM" in err and "resume" in err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] > 0
     kills, reads = 0, 0
     while kills < 5:
         proc = subprocess.Popen(args + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL,

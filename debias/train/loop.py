@@ -264,6 +264,7 @@ class Trainer:
                 if self.batch_in_epoch == 0:
                     self.method.on_epoch_start(epoch)
                 self._unlabeled_iter = None
+                self._round_at_epoch_start = getattr(self, "_unlabeled_round", 0)
                 self.unlabeled_epoch = epoch
                 self.model.train()
                 for i, (images, labels, attrs) in enumerate(self.train_loader(epoch)):
@@ -426,7 +427,9 @@ class Trainer:
             "rng_python_json": json.dumps(_python_state()),
             "matching": self.matching.state_dict() if self.matching is not None else {},
             "matching_epoch": self.matching_epoch,
-            "unlabeled_round": getattr(self, "_unlabeled_round", 0),
+            # the stream's position at the start of the epoch the checkpoint resumes in: skipped batches replay it
+            "unlabeled_round": (getattr(self, "_unlabeled_round", 0) if self.batch_in_epoch == 0
+                                else self._round_at_epoch_start),
             "meta": {"model": self.recipe.model.name, "classes": ",".join(self.bundle.class_names)},
         }
         io.save_state(self.out / CHECKPOINT, state)
