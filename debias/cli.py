@@ -70,6 +70,8 @@ def _print_summary(metrics: dict, out: Path) -> None:
     ex = metrics["explain"]
     scores = ", ".join(f"{k} {v:.2f} (control {ex['control'][k]:.2f})" for k, v in ex["scores"].items())
     print(f"concept scores: {scores}")
+    rep = ", ".join(f"{k} {v:.2f}" for k, v in ex.get("representation", {}).items())
+    print(f"representation (1 = as well as plain CLIP): {rep}")
     print(f"dominant concept: {ex['dominant_concept']}")
 
 

@@ -75,6 +75,8 @@ def explain_run(recipe_path: str, overrides: list[str], run_dir: Path, out: Path
     scores = ", ".join(f"{k} {v:.2f} (control {explanation['control'][k]:.2f})"
                        for k, v in explanation["scores"].items())
     print(f"concept scores: {scores}")
+    rep = ", ".join(f"{k} {v:.2f}" for k, v in explanation["representation"].items())
+    print(f"representation (1 = as well as plain CLIP): {rep}")
     print(f"dominant concept: {explanation['dominant_concept']}")
     print(f"wrote {out / 'explain.json'}")
     return explanation

@@ -57,6 +57,7 @@ def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
         rows.append({"run": str(run), "method": m["method"], "variant": variant(m), "setting": setting(m),
                      "seed": m["seed"], "splits": m["splits"], "dominant_concept": m["explain"]["dominant_concept"],
                      "scores": m["explain"].get("scores", {}), "control": m["explain"].get("control", {}),
+                     "representation": m["explain"].get("representation", {}),
                      "selection": {k: {"epoch": v["epoch"], "splits": {s: {"accuracy": x["accuracy"]}
                                                                       for s, x in v["splits"].items()}}
                                    for k, v in m.get("selection", {}).items()},
@@ -74,6 +75,8 @@ def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
                                                                for r in members if s in r["splits"]])}
                         for s in split_names},
              "scores": {c: _mean_std([r["scores"].get(c) for r in members]) for c in members[0]["scores"]},
+             "representation": {c: _mean_std([r["representation"].get(c) for r in members])
+                                for c in members[0]["representation"]},
              "dominant_concept": {d: sum(r["dominant_concept"] == d for r in members)
                                   for d in sorted({r["dominant_concept"] for r in members})}}
         groups.append(g)
@@ -110,11 +113,15 @@ def render_report(result: dict[str, Any]) -> str:
         cells = [_fmt(g["splits"][s]["worst_group_accuracy"]) if s in g["splits"] else "-" for s in splits]
         lines.append(f"| {g['method']} | {g['setting']} | " + " | ".join(cells) + " |")
     concepts = sorted({c for g in groups for c in g["scores"]})
-    lines += ["", "## Concept scores of the final model (0 = chance, 1 = plain CLIP)", "",
-              "| method | setting | " + " | ".join(concepts) + " |", "|---|---|" + "---|" * len(concepts)]
-    for g in groups:
-        lines.append(f"| {g['method']} | {g['setting']} | " + " | ".join(
-            _fmt(g["scores"][c]) if c in g["scores"] else "-" for c in concepts) + " |")
+    for key, title in (("scores", "Concept scores of the final model: decision alignment (NMI of the CNN's "
+                                  "prediction with the graft's caption prediction; decides dominance)"),
+                       ("representation", "Concept representation of the final model (0 = chance, 1 = plain CLIP)")):
+        lines += ["", f"## {title}", "",
+                  "| method | setting | " + " | ".join(concepts) + " |", "|---|---|" + "---|" * len(concepts)]
+        for g in groups:
+            vals = g.get(key, {})
+            lines.append(f"| {g['method']} | {g['setting']} | " + " | ".join(
+                _fmt(vals[c]) if c in vals else "-" for c in concepts) + " |")
     sel_rows = [r for r in result["rows"] if r.get("selection")]
     if sel_rows:
         lines += ["", "## Checkpoint selection (shifted accuracy of the checkpoint each rule picked)", "",

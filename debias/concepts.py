@@ -1,21 +1,32 @@
 """Concepts (named caption sets), concept scores of a grafted model, dominance and the random-matching control.
 
 A concept has one caption per value of an attribute the images carry (``color``: the spurious attribute;
-``digit``: the class label). Its **score** says how well the grafted embedding follows its captions, and is
-normalised by what plain CLIP achieves on the same images:
+``digit``: the class label). Two read-outs of the grafted embedding:
 
-    score = (zero-shot accuracy of the graft - chance) / (zero-shot accuracy of plain CLIP - chance)
+- **score** (decides dominance): how strongly the CNN's *decision* follows the concept as the graft reads it,
+  the normalised mutual information (scikit-learn's ``normalized_mutual_info_score``) between the CNN's
+  predicted class and the graft's caption prediction (the caption with the highest cosine similarity), over
+  images whose concepts vary independently of each other. 1: the CNN's decision is a function of the
+  concept's caption reading; 0: independent of it. It needs no labels. The **dominant** concept has the
+  highest score; ``none`` when the top two are within ``TIE`` (nothing can be told apart).
+- **representation**: how well the grafted embedding follows the concept's captions at all, normalised by
+  what plain CLIP achieves on the same images, so concepts with different CLIP margins compare fairly:
 
-so 1 means the graft reads the concept as well as CLIP itself, 0 means chance. Concepts whose captions CLIP
-separates with different margins therefore compare fairly. The **dominant** concept has the highest score.
+      representation = (zero-shot accuracy of the graft - chance) / (zero-shot accuracy of plain CLIP - chance)
+
+  A CNN trained with random colours still carries colour in its features (representation near 1 for colour
+  in every model we trained), so representation alone cannot say what the CNN relies on; it says what the
+  CNN has, e.g. whether a debiased model still encodes the digit.
+
 The paper's own read-out (per image, the caption whose similarity rose most after surgery votes for its
-concept) is reported beside it as ``paper_votes``.
+concept) is reported beside them as ``paper_votes``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from sklearn.metrics import normalized_mutual_info_score
 
 from .data.colors import DIGIT_WORDS
 from .data.splits import DatasetBundle
@@ -69,16 +80,34 @@ def concept_accuracy(embeddings: torch.Tensor, text: torch.Tensor, targets: torc
     return float((pred == targets[valid].to(pred.device)).float().mean())
 
 
+TIE = 0.05
+"""Scores closer than this do not name a dominant concept."""
+
+
+def alignment(predictions: torch.Tensor, embeddings: torch.Tensor, text: torch.Tensor) -> float:
+    """Normalised mutual information between class predictions and the caption each embedding is closest to."""
+    if len(predictions) == 0:
+        return float("nan")
+    captions = (embeddings @ text.T.to(embeddings.device)).argmax(1)
+    return float(normalized_mutual_info_score(predictions.cpu().numpy(), captions.cpu().numpy()))
+
+
 @dataclass
 class ConceptReadout:
-    """Per-concept zero-shot accuracy of the graft and of plain CLIP on the same images."""
+    """Per concept: decision alignment of the graft (and of plain CLIP), zero-shot accuracy of both."""
 
     graft: dict[str, float]
     clip: dict[str, float]
     chance: dict[str, float]
     paper_votes: dict[str, float]
+    aligned: dict[str, float]
+    clip_aligned: dict[str, float]
 
     def scores(self) -> dict[str, float]:
+        """Decision alignment through the graft: the dominance score."""
+        return dict(self.aligned)
+
+    def representation(self) -> dict[str, float]:
         out = {}
         for k in self.graft:
             headroom = self.clip[k] - self.chance[k]
@@ -87,9 +116,13 @@ class ConceptReadout:
 
 
 def read_concepts(graft_emb: torch.Tensor, clip_emb: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor,
-                  concepts: list[ConceptSet], text: dict[str, torch.Tensor]) -> ConceptReadout:
-    graft, clip, chance, gains = {}, {}, {}, {}
+                  concepts: list[ConceptSet], text: dict[str, torch.Tensor],
+                  predictions: torch.Tensor) -> ConceptReadout:
+    """``predictions``: the CNN's predicted class per image (labels and attributes serve the accuracies only)."""
+    graft, clip, chance, gains, aligned, clip_aligned = {}, {}, {}, {}, {}, {}
     for c in concepts:
+        aligned[c.name] = alignment(predictions, graft_emb, text[c.name])
+        clip_aligned[c.name] = alignment(predictions, clip_emb, text[c.name])
         tgt = _targets(c, labels, attrs)
         graft[c.name] = concept_accuracy(graft_emb, text[c.name], tgt)
         clip[c.name] = concept_accuracy(clip_emb, text[c.name], tgt)
@@ -99,11 +132,12 @@ def read_concepts(graft_emb: torch.Tensor, clip_emb: torch.Tensor, labels: torch
     stacked = torch.stack([gains[c.name] for c in concepts], 1)
     winner = stacked.argmax(1)
     votes = {c.name: float((winner == i).float().mean()) for i, c in enumerate(concepts)}
-    return ConceptReadout(graft, clip, chance, votes)
+    return ConceptReadout(graft, clip, chance, votes, aligned, clip_aligned)
 
 
-def dominant(scores: dict[str, float]) -> str:
-    finite = {k: v for k, v in scores.items() if v == v}
-    if not finite:
+def dominant(scores: dict[str, float], tie: float = TIE) -> str:
+    """The concept with the highest score; ``none`` when no score is finite or the top two are within ``tie``."""
+    finite = sorted(((v, k) for k, v in scores.items() if v == v), reverse=True)
+    if not finite or (len(finite) > 1 and finite[0][0] - finite[1][0] < tie):
         return "none"
-    return max(finite, key=finite.get)
+    return finite[0][1]

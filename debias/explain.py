@@ -100,22 +100,26 @@ def build_graft(clip: ClipModel, matching: Matching, recipe: Recipe) -> GraftedC
 @torch.no_grad()
 def embed(model: StandaloneModel, graft: GraftedCLIP, clip: ClipModel, split: Split, device: torch.device,
           batch_size: int = 256, limit: int | None = None, dist: Dist | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grafted and plain-CLIP embeddings of a split (with ``dist``: each process embeds a block, all gathered)."""
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grafted and plain-CLIP embeddings of a split and the model's predicted classes (with ``dist``: each
+    process embeds a block, all gathered)."""
     training = model.training
     model.eval()
-    g_out, c_out = [], []
+    g_out, c_out, p_out = [], [], []
     n = len(split) if limit is None else min(limit, len(split))
     lo, hi, sharded = _shard(n, dist)
     for images in _batches(split, batch_size, hi, first=lo):
         images = images.to(device)
-        _, taps = model(images, taps=True)
+        logits, taps = model(images, taps=True)
         g_out.append(graft(images, taps).float().cpu())
         c_out.append(clip.encode_image(images).float().cpu())
+        p_out.append(logits.argmax(1).float().cpu())
     model.train(training)
+    g, c, p = torch.cat(g_out), torch.cat(c_out), torch.cat(p_out)
     if sharded:
-        return dist.gather_blocks(torch.cat(g_out), n), dist.gather_blocks(torch.cat(c_out), n)
-    return torch.cat(g_out), torch.cat(c_out)
+        g, c, p = (dist.gather_blocks(t, n) for t in (g, c, p.unsqueeze(1)))
+        p = p.squeeze(1)
+    return g, c, p.long()
 
 
 def text_embeddings(clip: ClipModel, concepts: list[ConceptSet]) -> dict[str, torch.Tensor]:
@@ -125,33 +129,49 @@ def text_embeddings(clip: ClipModel, concepts: list[ConceptSet]) -> dict[str, to
 @torch.no_grad()
 def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, recipe: Recipe, split: Split,
                   concepts: list[ConceptSet], device: torch.device, progress: bool = True,
-                  control_draws: int | None = None, dist: Dist | None = None) -> dict:
+                  control_draws: int | None = None, dist: Dist | None = None,
+                  limit: int | None = None) -> dict:
     """Concept scores of the grafted model on ``split``, the dominant concept and the random-matching control.
 
     ``dist``: the embeddings are computed in blocks across processes and gathered, so every process returns the
     same result."""
     text = text_embeddings(clip, concepts)
     graft = build_graft(clip, matching, recipe).to(device)
-    g_emb, c_emb = embed(model, graft, clip, split, device, dist=dist)
-    readout = read_concepts(g_emb, c_emb, split.labels, split.attrs, concepts, text)
+    limit = limit or recipe.explain.num_images or None
+    g_emb, c_emb, preds = embed(model, graft, clip, split, device, limit=limit, dist=dist)
+    n = len(preds)
+    labels, attrs = split.labels[:n], split.attrs[:n]
+    readout = read_concepts(g_emb, c_emb, labels, attrs, concepts, text, preds)
     scores = readout.scores()
-    draws = []
+    draws, rep_draws = [], []
     gen = torch.Generator().manual_seed(recipe.seed + 12345)
     draws_wanted = recipe.explain.control_draws if control_draws is None else control_draws
     for _ in tqdm(range(draws_wanted), desc="control", leave=False, disable=not progress):
         rand = random_matching(matching, model.tap_channels, gen)
         rg = build_graft(clip, rand, recipe).to(device)
-        rg_emb, _ = embed(model, rg, clip, split, device, dist=dist)
-        draws.append(read_concepts(rg_emb, c_emb, split.labels, split.attrs, concepts, text).scores())
-    control = {c.name: (sum(d[c.name] for d in draws) / len(draws)) if draws else float("nan") for c in concepts}
-    control_std = {c.name: (torch.tensor([d[c.name] for d in draws]).std().item() if len(draws) > 1 else 0.0)
-                   for c in concepts}
+        rg_emb, _, _ = embed(model, rg, clip, split, device, limit=limit, dist=dist)
+        r = read_concepts(rg_emb, c_emb, labels, attrs, concepts, text, preds)
+        draws.append(r.scores())
+        rep_draws.append(r.representation())
+
+    def mean_std(ds: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+        mean = {c.name: (sum(d[c.name] for d in ds) / len(ds)) if ds else float("nan") for c in concepts}
+        std = {c.name: (torch.tensor([d[c.name] for d in ds]).std().item() if len(ds) > 1 else 0.0)
+               for c in concepts}
+        return mean, std
+
+    control, control_std = mean_std(draws)
+    rep_control, _ = mean_std(rep_draws)
     return {
         "dominant_concept": dominant(scores),
         "scores": scores,
         "control": control,
         "control_std": control_std,
         "control_draws": len(draws),
+        "score_kind": "decision alignment: NMI(CNN prediction, graft caption prediction)",
+        "representation": readout.representation(),
+        "representation_control": rep_control,
+        "clip_alignment": readout.clip_aligned,
         "graft_accuracy": readout.graft,
         "clip_accuracy": readout.clip,
         "chance": readout.chance,
@@ -159,7 +179,7 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
         "roles": {c.name: c.role for c in concepts},
         "captions": {c.name: c.captions for c in concepts},
         "split": split.name,
-        "num_images": len(split),
+        "num_images": n,
         "graft": graft.summary(),
         "probe": recipe.matching.probe,
     }

@@ -131,6 +131,8 @@ class ExplainCfg:
     split: str = "shifted"
     """Images the scores are computed on; the spurious attribute must vary independently of the label."""
     control_draws: int = field(default=5, metadata=_range(0, 100))
+    num_images: int = field(default=0, metadata=_range(0, None))
+    """Score at most this many images of the split (0: all)."""
 
 
 @dataclass
@@ -191,8 +193,15 @@ class SelectionCfg:
     """Checkpoint selection rules evaluated every epoch (metrics.json records each rule's pick)."""
 
     track_concepts: bool = True
-    """Compute the concept dominance on validation images every epoch (needed by the ``dominance`` rule)."""
+    """Compute the concept dominance every epoch (needed by the ``dominance`` rule)."""
     split: str = "val"
+    """Split for validation accuracy and worst-group accuracy."""
+    concept_split: str = "probe"
+    """Images the per-epoch dominance is scored on: ``probe`` (the matching's probe images: with
+    ``matching.probe = 'independent'`` unlabeled images whose colour varies independently, no labels used) or a
+    split name. On biased validation images colour and class coincide and the score cannot tell them apart."""
+    concept_images: int = field(default=512, metadata=_range(8, None))
+    """Images scored per epoch."""
 
 
 @dataclass

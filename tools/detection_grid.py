@@ -27,6 +27,10 @@ CONFIGS = {
     "swap l2-4 mutual>0.3 mean": ["matching.selection=mutual", "matching.threshold=0.3"],
     "stitch l2-4": ["graft.mode=stitch"],
 }
+# "swap l1-4" and "swap l4 only" equal the default with paper selection: every CLIP channel is swapped, so the
+# embedding is a function of the layer4 swap alone (explain.json: graft.clip_computed_from = layer4)
+DEFAULT_CONFIGS = ["swap l2-4 mean (default)", "swap l2-4 mean, train probe", "swap l2-4 mutual>0.3 mean",
+                   "stitch l2-4"]
 PAIRS = {"5/8 red/green": ["data.classes=[5, 8]", 'data.colors=["red", "green"]'],
          "3/6 blue/yellow": ["data.classes=[3, 6]", 'data.colors=["blue", "yellow"]']}
 
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="recipes/colored_digits.toml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pairs", nargs="+", default=list(PAIRS))
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--unbiased-bias", type=float, default=0.5)
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     p.add_argument("--out", required=True)
@@ -65,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                     ex = json.loads((ex_dir / "explain.json").read_text())
                     results.append({"pair": pair, "kind": kind, "seed": seed, "config": cfg,
                                     "dominant": ex["dominant_concept"], "scores": ex["scores"],
-                                    "control": ex["control"], "shifted_acc": acc["shifted"]["accuracy"]})
+                                    "control": ex["control"], "representation": ex["representation"],
+                                    "clip_alignment": ex["clip_alignment"],
+                                    "shifted_acc": acc["shifted"]["accuracy"]})
     (out / "grid.json").write_text(json.dumps(results, indent=1))
-    print(f"{'configuration':<30} {'pair':<16} {'kind':<9} " + " ".join(f"seed{s:<14}" for s in args.seeds)
+    print(f"{'configuration':<30} {'pair':<16} {'kind':<9} " + " ".join(f"seed{s:<23}" for s in args.seeds)
           + " correct")
     verdict = {}
     for cfg in args.configs:
@@ -77,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                 want = "color" if kind == "biased" else "digit"
                 ok = sum(r["dominant"] == want for r in rows)
                 verdict.setdefault(cfg, []).append(ok == len(rows))
-                cells = " ".join(f"{r['dominant'][:5]} {r['scores']['color']:+.2f}/{r['scores']['digit']:+.2f}"
+                cells = " ".join(f"{r['dominant'][:5]:<5} {r['scores']['color']:.2f}/{r['scores']['digit']:.2f}"
+                                 f" r{r['representation']['color']:.2f}/{r['representation']['digit']:.2f}"
                                  for r in sorted(rows, key=lambda r: r["seed"]))
                 print(f"{cfg:<30} {pair:<16} {kind:<9} {cells}  {ok}/{len(rows)}")
-    print("\ncells: dominant concept, colour score / digit score (0 = chance, 1 = plain CLIP)")
+    print("\ncells: dominant concept, score colour/digit (decision alignment: NMI of the CNN's prediction with the "
+          "graft's caption prediction), r = representation colour/digit (0 = chance, 1 = plain CLIP)")
     for cfg, oks in verdict.items():
         print(f"{cfg:<30} separates all models: {'yes' if all(oks) else 'no'}")
     print(f"grid wall time {time.perf_counter() - t0:.0f} s")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .. import io
 from ..concepts import build_concepts
 from ..data import load_dataset
+from ..data.splits import Split
 from ..distributed import Dist, init_distributed
 from ..errors import DebiasError
 from ..evaluate import evaluate_splits
@@ -95,6 +96,8 @@ class Trainer:
                                            and self.device.type == "cuda")
         self.concepts = build_concepts(recipe, self.bundle)
         self.method = build_method(recipe.train.method, self)
+        if recipe.selection.track_concepts:
+            self.concept_split()  # a bad selection.concept_split fails before training
         t = recipe.train
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         n_train = len(self.bundle.splits["train"])
@@ -193,6 +196,15 @@ class Trainer:
         self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
         self.matching_epoch = self.epoch
 
+    def concept_split(self) -> Split:
+        name = self.recipe.selection.concept_split
+        if name == "probe":
+            return probe_split(self.recipe, self.bundle)
+        if name not in self.bundle.splits:
+            raise DebiasError(f"selection.concept_split = {name!r}: not a split; expected 'probe' or one of "
+                              f"{sorted(self.bundle.splits)}")
+        return self.bundle.splits[name]
+
     def track(self) -> dict[str, Any]:
         """End-of-epoch figures: validation accuracy, worst-group accuracy and (optionally) concept dominance."""
         sel = self.recipe.selection
@@ -203,8 +215,9 @@ class Trainer:
         if sel.track_concepts:
             if self.matching_epoch != self.epoch:
                 self.rematch()
-            ex = explain_model(self.net, self.clip, self.matching, self.recipe, split, self.concepts, self.device,
-                               progress=False, control_draws=0, dist=self.dist)
+            ex = explain_model(self.net, self.clip, self.matching, self.recipe, self.concept_split(), self.concepts,
+                               self.device, progress=False, control_draws=0, dist=self.dist,
+                               limit=sel.concept_images)
             core = [v for k, v in ex["scores"].items() if ex["roles"][k] == "core"]
             spur = [v for k, v in ex["scores"].items() if ex["roles"][k] == "spurious"]
             row["concept_scores"] = ex["scores"]
