@@ -166,6 +166,10 @@ class ConceptPenaltyCfg:
     unlabeled_batch_size: int = field(default=16, metadata=_range(2, None))
     rematch_every: int = field(default=1, metadata=_range(0, None))
     """Re-run matching every N epochs (0 = only once, before training)."""
+    graft_read: str = field(default="match", metadata=_choices("match", "step"))
+    """With ``source = 'graft'``: ``match`` reads the whole stream through the graft once per (re-)matching, with
+    the model of that moment, and keeps those predictions until the next matching; ``step`` reads each stream
+    batch through the graft from the current model's taps (the CNN can then hide the concept from the graft)."""
     temperature: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
     """Divides CLIP's logit scale for the caption prediction (higher = softer)."""
 

@@ -94,3 +94,32 @@ def test_compare_json_matches_runs(tmp_path):
     accs = [json.loads((r / "metrics.json").read_text())["splits"]["shifted"]["accuracy"] for r in runs]
     assert group["splits"]["shifted"]["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
     assert (tmp_path / "cmp" / "report.md").exists() and (tmp_path / "cmp" / "accuracy_by_split.png").exists()
+
+
+def test_graft_read_once_per_matching_and_per_step(tmp_path):
+    """``graft_read = 'match'``: the stream is read through the graft once per matching and the predictions are
+    what the graft says for the model of that moment; ``step`` reads every batch live. Both train."""
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept"])
+    t = Trainer(recipe, tmp_path / "match", progress=False)
+    t.epoch = 0
+    t.method.on_epoch_start(0)
+    q = t.method.graft_q
+    stream = t.bundle.unlabeled
+    assert q.shape == (len(stream), len(recipe.data.colors)) and t.method.graft_q_epoch == t.matching_epoch == 0
+    assert torch.allclose(q.sum(1), torch.ones(len(q)), atol=1e-5)
+    t.net.eval()
+    with torch.no_grad():
+        _, taps = t.net(stream.images[:8], taps=True)
+        direct = t.method._softmax(t.graft(stream.images[:8], taps), t.clip.encode_text(t.method.concept.captions))
+    assert torch.allclose(q[:8], direct.cpu(), atol=1e-5)
+    t.method.on_epoch_start(0)  # same matching: not read again
+    assert t.method.graft_q is q
+    restored = Trainer(recipe, tmp_path / "restored", progress=False).method
+    restored.load_state_dict(t.method.state_dict())
+    assert torch.equal(restored.graft_q, q) and restored.graft_q_epoch == 0
+    out = tmp_path / "step"
+    assert main(["train", "recipes/colored_digits.toml", "--method", "concept", "--out", str(out), "--no-progress",
+                 "--set", *TINY, "concept.graft_read=step"]) == 0

@@ -99,6 +99,9 @@ class ConceptPenalty(Method):
         self.concept = spurious[0]
         self.cfg = cfg
         self.cached_q: torch.Tensor | None = None
+        self.graft_q: torch.Tensor | None = None
+        self.graft_q_epoch = -1
+        """The matching epoch ``graft_q`` was read with (``graft_read = 'match'``)."""
 
     def _cache_q(self) -> torch.Tensor:
         """Concept predictions that do not change during training (plain CLIP, or the true attribute)."""
@@ -128,13 +131,45 @@ class ConceptPenalty(Method):
         due = trainer.graft is None or (every and epoch % every == 0 and trainer.matching_epoch != epoch)
         if due:  # the end-of-epoch tracking may already have matched this very model
             trainer.rematch()
+        if self.cfg.graft_read == "match" and self.graft_q_epoch != trainer.matching_epoch:
+            self.graft_q = self._read_stream_through_graft()
+            self.graft_q_epoch = trainer.matching_epoch
+
+    @torch.no_grad()
+    def _read_stream_through_graft(self) -> torch.Tensor:
+        """Caption predictions of the whole unlabeled stream through the graft, with the model as it is now."""
+        trainer = self.trainer
+        stream, net = trainer.bundle.unlabeled, trainer.net
+        text = trainer.clip.encode_text(self.concept.captions)
+        training = net.training
+        net.eval()
+        chunks = []
+        for start in range(0, len(stream), 256):
+            images = stream.images[start:start + 256].to(trainer.device)
+            _, taps = net(images, taps=True)
+            chunks.append(self._softmax(trainer.graft(images, taps), text).cpu())
+        net.train(training)
+        return torch.cat(chunks)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.graft_q is None:
+            return {}
+        return {"graft_q": self.graft_q.clone(), "graft_q_epoch": torch.tensor(self.graft_q_epoch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "graft_q" in state:
+            self.graft_q = state["graft_q"].clone()
+            self.graft_q_epoch = int(state["graft_q_epoch"])
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         model, trainer = self.trainer.model, self.trainer
         images_u, index_u = trainer.next_unlabeled()
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
-        if self.cfg.source == "graft":
+        if self.cfg.source == "graft" and self.cfg.graft_read == "match":
+            logits = model(x)
+            q = self.graft_q[index_u].to(x.device)
+        elif self.cfg.source == "graft":
             logits, taps = model(x, taps=True)  # one forward (DDP's, when distributed); the graft reuses its taps
             with torch.no_grad():
                 emb = trainer.graft(images_u, {k: v[n:].detach() for k, v in taps.items()})
