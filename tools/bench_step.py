@@ -1,7 +1,10 @@
 """Step time of each method against ERM on the same model and batch, measured side by side in one run.
 
 The trainers are built from the same recipe and seed; steps alternate between methods (A, B, A, B, ...) so
-both see the same machine state. Prints median seconds per step and the ratio to ERM.
+both see the same machine state. Prints median seconds per step and the ratio to ERM, then the method's own
+once-per-epoch work (for ``concept``: re-matching and reading the unlabeled stream through the graft, measured
+with selection tracking off, the worst case; with tracking on, the matching is shared with the tracking) and the
+ratio with that work spread over an epoch's steps.
 
     python tools/bench_step.py                          # erm vs concept (graft) on the default recipe
     python tools/bench_step.py --methods erm concept --steps 30 --set concept.source=clip
@@ -49,15 +52,26 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times[m].append(time.perf_counter() - t0)
+    epoch_work: dict[str, list[float]] = {m: [] for m in trainers}
+    for _ in range(3):
+        for m, t in trainers.items():
+            t.matching_step = -1  # a model not matched yet: the method's per-epoch work runs in full
+            t0 = time.perf_counter()
+            t.method.on_epoch_start(1)
+            if t.device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_work[m].append(time.perf_counter() - t0)
     base = statistics.median(times[args.methods[0]])
+    spe = any_t.steps_per_epoch
+    base_epoch = base * spe + statistics.median(epoch_work[args.methods[0]])
     r = any_t.recipe
     print(f"model {r.model.name}, batch {bs}, unlabeled batch {r.concept.unlabeled_batch_size}, "
           f"concept source {r.concept.source}, device {any_t.device}, threads {torch.get_num_threads()}, "
-          f"{args.steps} steps each, interleaved")
-    print(f"{'method':<12} {'median s/step':>14} {'ratio':>7}")
+          f"{args.steps} steps each, interleaved; {spe} steps per epoch")
+    print(f"{'method':<12} {'median s/step':>14} {'ratio':>7} {'per-epoch work s':>17} {'epoch ratio':>12}")
     for m in args.methods:
-        med = statistics.median(times[m])
-        print(f"{m:<12} {med:>14.4f} {med / base:>7.2f}")
+        med, work = statistics.median(times[m]), statistics.median(epoch_work[m])
+        print(f"{m:<12} {med:>14.4f} {med / base:>7.2f} {work:>17.3f} {(med * spe + work) / base_epoch:>12.2f}")
     return 0
 
 

@@ -109,6 +109,8 @@ class Trainer:
         self.graft = None
         self.matching = None
         self.matching_epoch = -1
+        self.matching_step = -1
+        """The training step the current matching was computed at (a model matched once is not matched again)."""
         self._unlabeled_iter = None
         self.best: dict[str, dict[str, Any]] = {}
         self.step = 0
@@ -195,6 +197,7 @@ class Trainer:
                                          self.device, progress=False, dist=self.dist)
         self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
         self.matching_epoch = self.epoch
+        self.matching_step = self.step
 
     def concept_split(self) -> Split:
         name = self.recipe.selection.concept_split
@@ -440,6 +443,7 @@ class Trainer:
             "rng_python_json": json.dumps(_python_state()),
             "matching": self.matching.state_dict() if self.matching is not None else {},
             "matching_epoch": self.matching_epoch,
+            "matching_step": self.matching_step,
             # the stream's position at the start of the epoch the checkpoint resumes in: skipped batches replay it
             "unlabeled_round": (getattr(self, "_unlabeled_round", 0) if self.batch_in_epoch == 0
                                 else self._round_at_epoch_start),
@@ -485,6 +489,7 @@ class Trainer:
             self.matching = Matching.from_state_dict(state["matching"], self.net.tap_names,
                                                      self.recipe.matching.selection)
             self.matching_epoch = int(state["matching_epoch"])
+            self.matching_step = int(state.get("matching_step", -1))
             self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
 
 

@@ -128,7 +128,7 @@ class ConceptPenalty(Method):
         every, trainer = self.cfg.rematch_every, self.trainer
         if self.cfg.source != "graft":
             return
-        due = trainer.graft is None or (every and epoch % every == 0 and trainer.matching_epoch != epoch)
+        due = trainer.graft is None or (every and epoch % every == 0 and trainer.matching_step != trainer.step)
         if due:  # the end-of-epoch tracking may already have matched this very model
             trainer.rematch()
         if self.cfg.graft_read == "match" and self.graft_q_epoch != trainer.matching_epoch:
