@@ -167,6 +167,8 @@ class ConceptPenalty(Method):
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
         if self.cfg.source == "graft" and self.cfg.graft_read == "match":
+            if self.graft_q is None:  # a checkpoint written before the stream was read (an older version)
+                self.graft_q, self.graft_q_epoch = self._read_stream_through_graft(), trainer.matching_epoch
             logits = model(x)
             q = self.graft_q[index_u].to(x.device)
         elif self.cfg.source == "graft":
