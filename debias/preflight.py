@@ -2,9 +2,10 @@
 
 A long run should not fail after minutes of loading because the CLIP weights or one MNIST file are missing, and a
 user with several missing inputs should learn about all of them at once. :func:`missing_inputs` only looks at the
-file system and the local Hugging Face cache (never the network), and imports a model library only when a check
-needs its registry (timm for a pretrained CNN's hub repo, open_clip for a CLIP tag), so it takes well under a second
-once those libraries are imported.
+file system and the local Hugging Face cache (never the network). The hub repos of the shipped recipes' weights are
+listed in :mod:`debias.models.hub` (checked against timm's and open_clip's registries by the tests), so those
+recipes are checked without importing either library (each import costs seconds); other models import the library
+whose registry names their hub repo.
 
 The MNIST and folder-CSV checks live here (plain ``os``), and the data loaders reuse them, so the preflight and the
 loader can never disagree about what a dataset needs.
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 from .errors import DebiasError, did_you_mean
+from .models.hub import CLIP_HUB, TIMM_FILES, TIMM_HUB, cached_file, clip_weights_missing, split_clip_hub
 from .recipe import Recipe
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -112,14 +114,14 @@ def _checkpoint_problem(recipe: Recipe) -> str | None:
     return None
 
 
-def _hf_cached(repo_id: str, filenames: list[str]) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
+def _hub_problem(name: str, hub_id: str, names: list[str], fix: str) -> str | None:
+    if cached_file(hub_id, names):
+        return None
+    from huggingface_hub import constants
 
-    for fname in filenames:
-        hit = try_to_load_from_cache(repo_id, fname)
-        if isinstance(hit, str):
-            return hit
-    return None
+    return (f"model.pretrained = true: the timm weights of {name!r} (hub repo {hub_id}, file "
+            f"{' or '.join(names)}) are not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and this "
+            f"run does not download; copy that cache here (HF_HOME) or {fix}")
 
 
 def _timm_weights_problem(recipe: Recipe) -> str | None:
@@ -127,6 +129,10 @@ def _timm_weights_problem(recipe: Recipe) -> str | None:
     m = recipe.model
     if not m.pretrained or m.checkpoint:
         return None
+    fix = "set model.checkpoint to a local weights file, or model.pretrained = false"
+    if m.name in TIMM_HUB:  # the shipped recipes' models: no timm import (seconds)
+        hub_id, filename = TIMM_HUB[m.name]
+        return _hub_problem(m.name, hub_id, [filename] if filename else list(TIMM_FILES), fix)
     import timm
 
     try:
@@ -135,20 +141,13 @@ def _timm_weights_problem(recipe: Recipe) -> str | None:
         cfg = None
     if cfg is None:
         return None  # not a timm model with pretrained weights: model creation names the problem
-    fix = "set model.checkpoint to a local weights file, or model.pretrained = false"
     if cfg.file:
         if Path(cfg.file).is_file():
             return None
         return f"model.pretrained = true: timm's weights file {cfg.file!r} for {m.name!r} not found; {fix}"
     if cfg.hf_hub_id:
-        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        if _hf_cached(cfg.hf_hub_id, names):
-            return None
-        from huggingface_hub import constants
-
-        return (f"model.pretrained = true: the timm weights of {m.name!r} (hub repo {cfg.hf_hub_id}, file "
-                f"{' or '.join(names)}) are not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and this "
-                f"run does not download; copy that cache here (HF_HOME) or {fix}")
+        return _hub_problem(m.name, cfg.hf_hub_id, [cfg.hf_hub_filename] if cfg.hf_hub_filename
+                            else list(TIMM_FILES), fix)
     if cfg.url:
         import torch.hub
 
@@ -171,6 +170,11 @@ def _clip_weights_problem(recipe: Recipe) -> str | None:
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if Path(pretrained).is_file():  # a file path: no need to import open_clip to check it
             return None
+    elif (c.name, pretrained) in CLIP_HUB:  # the shipped recipes' CLIP: no open_clip import (seconds)
+        hub = CLIP_HUB[c.name, pretrained]
+        if cached_file(*split_clip_hub(hub), cache_dir=c.cache_dir):
+            return None
+        return clip_weights_missing(c.name, pretrained, f"hub repo {hub.rstrip('/')}", c.cache_dir)
     import open_clip
 
     from .models.clip import resnet_clip_names, resolve_clip_weights

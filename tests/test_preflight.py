@@ -124,3 +124,32 @@ def test_cli_train_stops_before_loading_anything(tmp_path, capsys, empty_hub_cac
         assert problem in err
     assert not out.exists(), "nothing may be written when inputs are missing"
     assert elapsed < 5.0
+
+
+def test_hub_table_agrees_with_timm_and_open_clip():
+    """The preflight's fast path (no timm/open_clip import) must name the same hub repos the libraries would."""
+    import open_clip
+    import timm
+
+    from debias.models.hub import CLIP_HUB, TIMM_HUB
+
+    for name, (hub_id, filename) in TIMM_HUB.items():
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert (cfg.hf_hub_id, cfg.hf_hub_filename) == (hub_id, filename), name
+    for (name, tag), hub in CLIP_HUB.items():
+        assert open_clip.get_pretrained_cfg(name, tag)["hf_hub"] == hub, (name, tag)
+    for recipe in RECIPES.glob("*.toml"):  # every shipped recipe's pretrained weights take the fast path
+        r = load_recipe(recipe)
+        assert not r.model.pretrained or r.model.name in TIMM_HUB, recipe.name
+        assert r.clip.name == "digits" or (r.clip.name, r.clip.pretrained or "openai") in CLIP_HUB, recipe.name
+
+
+def test_models_outside_the_hub_table_are_resolved_by_their_library(tmp_path, empty_hub_cache):
+    recipe = load_recipe(PAPER, [f'data.root="{_fake_mnist(tmp_path / "data")}"', "model.name=resnet18",
+                                 "clip.name=RN101", f'clip.cache_dir="{empty_hub_cache}"'])
+    timm_weights, clip_weights = missing_inputs(recipe)
+    assert "hub repo timm/resnet18.a1_in1k" in timm_weights
+    assert "RN101 openai" in clip_weights and "timm/resnet101_clip.openai" in clip_weights
+    _fake_hub_file(empty_hub_cache, "timm/resnet18.a1_in1k", "model.safetensors")
+    _fake_hub_file(empty_hub_cache, "timm/resnet101_clip.openai", "open_clip_model.safetensors")
+    assert missing_inputs(recipe) == []

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import DebiasError, did_you_mean
 from ..recipe import ClipCfg
+from .hub import cached_file, clip_weights_missing, split_clip_hub
 
 CLIP_STAGES = ("layer1", "layer2", "layer3", "layer4")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -147,20 +148,8 @@ def resolve_clip_weights(name: str, pretrained: str, cache_dir: str = "") -> str
                           f"available tags: {tags}")
     pcfg = open_clip.get_pretrained_cfg(name, pretrained)
     hub = pcfg.get("hf_hub", "")
-    found = None
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
-        for fname in ([filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
-            hit = try_to_load_from_cache(repo_id, fname, cache_dir=cache_dir or None)
-            if isinstance(hit, str):
-                found = hit
-                break
+    found = cached_file(*split_clip_hub(hub), cache_dir=cache_dir) if hub else None
     if found is None:
         where = f"hub repo {hub.rstrip('/')}" if hub else pcfg.get("url", "its URL")
-        raise DebiasError(
-            f"clip.pretrained = {pretrained!r}: the {name} {pretrained} weights are not in the local cache "
-            f"(cache_dir={cache_dir or 'HF_HOME default'}) and this run does not download; fetch them from {where} "
-            f"on a connected machine and set clip.pretrained to the file path, or copy the hub cache here")
+        raise DebiasError(clip_weights_missing(name, pretrained, where, cache_dir))
     return found

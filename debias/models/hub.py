@@ -1,0 +1,50 @@
+"""Where pretrained weights live in the local Hugging Face cache, without importing timm or open_clip.
+
+Importing timm or open_clip pulls in torchvision (and with it ``torch._dynamo``): seconds on a small machine. The
+preflight must name every missing file within a few seconds, so the hub repos of the weights the shipped recipes
+use are listed here; ``tests/test_preflight.py`` checks every entry against timm's and open_clip's own registries,
+so the table cannot drift from them. Names not listed are resolved by importing the library (still correct, only
+slower).
+"""
+from __future__ import annotations
+
+TIMM_HUB: dict[str, tuple[str, str | None]] = {
+    "resnet50.tv_in1k": ("timm/resnet50.tv_in1k", None),
+    "resnet50": ("timm/resnet50.a1_in1k", None),
+}
+"""timm model name -> (``pretrained_cfg.hf_hub_id``, ``pretrained_cfg.hf_hub_filename``)."""
+
+CLIP_HUB: dict[tuple[str, str], str] = {
+    ("RN50-quickgelu", "openai"): "timm/resnet50_clip.openai/",
+    ("RN50", "openai"): "timm/resnet50_clip.openai/",
+}
+"""(open_clip model name, pretrained tag) -> open_clip's ``hf_hub`` entry for it."""
+
+TIMM_FILES = ["model.safetensors", "pytorch_model.bin"]
+CLIP_FILES = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+
+
+def cached_file(repo_id: str, filenames: list[str], cache_dir: str | None = None) -> str | None:
+    """The first of ``filenames`` found in the local hub cache for ``repo_id`` (never the network), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for fname in filenames:
+        hit = try_to_load_from_cache(repo_id, fname, cache_dir=cache_dir or None)
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def split_clip_hub(hub: str) -> tuple[str, list[str]]:
+    """open_clip's ``hf_hub`` entry (``org/repo/`` or ``org/repo/file``) -> repo id and candidate file names."""
+    if hub.endswith("/"):
+        return hub.rstrip("/"), list(CLIP_FILES)
+    repo_id, filename = hub.rsplit("/", 1)
+    return repo_id, [filename]
+
+
+def clip_weights_missing(name: str, tag: str, where: str, cache_dir: str = "") -> str:
+    """The message for CLIP weights that are not in the local cache."""
+    return (f"clip.pretrained = {tag!r}: the {name} {tag} weights are not in the local cache "
+            f"(cache_dir={cache_dir or 'HF_HOME default'}) and this run does not download; fetch them from {where} "
+            f"on a connected machine and set clip.pretrained to the file path, or copy the hub cache here")
