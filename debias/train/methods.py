@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2 as T
 
 from ..errors import DebiasError, did_you_mean
 
@@ -257,10 +256,18 @@ class Reweight(Method):
         return 1.0 / counts[groups]
 
 
+def _v2():
+    """torchvision's transforms, imported when an augmentation is built (the import costs seconds, and recipe
+    validation, which reads this module's names, must stay fast)."""
+    import torchvision.transforms.v2 as T
+
+    return T
+
+
 AUGMENTATIONS = {
-    "channel_permutation": lambda cfg: T.RandomChannelPermutation(),
-    "grayscale": lambda cfg: T.RandomGrayscale(p=cfg.grayscale_p),
-    "color_jitter": lambda cfg: T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.2),
+    "channel_permutation": lambda cfg: _v2().RandomChannelPermutation(),
+    "grayscale": lambda cfg: _v2().RandomGrayscale(p=cfg.grayscale_p),
+    "color_jitter": lambda cfg: _v2().ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.2),
 }
 
 
@@ -272,7 +279,7 @@ class Augment(Method):
     def __init__(self, trainer: "Trainer"):
         super().__init__(trainer)
         cfg = trainer.recipe.augment
-        self.transform = T.Compose([AUGMENTATIONS[name](cfg) for name in cfg.transforms])
+        self.transform = _v2().Compose([AUGMENTATIONS[name](cfg) for name in cfg.transforms])
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         images = torch.stack([self.transform(img) for img in batch["images"]])
