@@ -206,6 +206,10 @@ class SelectionCfg:
     split name. On biased validation images colour and class coincide and the score cannot tell them apart."""
     concept_images: int = field(default=512, metadata=_range(8, None))
     """Images scored per epoch."""
+    oracle_split: str = "auto"
+    """Split whose accuracy is recorded every epoch for reporting only, never to pick a checkpoint: the oracle
+    (best accuracy under shift over the epochs) that the selection rules are compared with. ``auto``: ``shifted``
+    where the dataset has it, else none; ``""``: none; or a split name."""
 
 
 @dataclass

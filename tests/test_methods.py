@@ -62,6 +62,7 @@ def test_each_method_end_to_end(tmp_path, method):
     assert set(m["splits"]) >= {"test", "shifted", "swapped", "grayscale"}
     assert set(m["selection"]) == {"val_accuracy", "dominance", "worst_group"}
     assert len(m["history"]) == 2 and "dominance_margin" in m["history"][0]
+    assert m["history"][0]["oracle_split"] == "shifted" and 0 <= m["history"][0]["oracle_accuracy"] <= 1
     assert (out / "done").exists() and (out / "model.safetensors").exists()
 
 
@@ -90,6 +91,9 @@ def test_compare_json_matches_runs(tmp_path):
         assert row["run"] == str(run) and row["seed"] == metrics["seed"] and row["method"] == metrics["method"]
         assert row["splits"] == metrics["splits"]
         assert row["dominant_concept"] == metrics["explain"]["dominant_concept"]
+        # one epoch: the oracle's only epoch is the final model, evaluated the same way at the end
+        assert row["oracle"] == {"split": "shifted", "epoch": 1,
+                                 "accuracy": metrics["splits"]["shifted"]["accuracy"]}
     (group,) = saved["groups"]
     accs = [json.loads((r / "metrics.json").read_text())["splits"]["shifted"]["accuracy"] for r in runs]
     assert group["splits"]["shifted"]["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)

@@ -98,6 +98,7 @@ class Trainer:
         self.method = build_method(recipe.train.method, self)
         if recipe.selection.track_concepts:
             self.concept_split()  # a bad selection.concept_split fails before training
+        self.oracle_split()  # likewise selection.oracle_split
         t = recipe.train
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         n_train = len(self.bundle.splits["train"])
@@ -208,6 +209,18 @@ class Trainer:
                               f"{sorted(self.bundle.splits)}")
         return self.bundle.splits[name]
 
+    def oracle_split(self) -> str | None:
+        """The split recorded every epoch for reporting (``selection.oracle_split``), or None."""
+        name = self.recipe.selection.oracle_split
+        if name == "auto":
+            return "shifted" if "shifted" in self.bundle.splits else None
+        if not name:
+            return None
+        if name not in self.bundle.splits:
+            raise DebiasError(f"selection.oracle_split = {name!r}: not a split; expected 'auto', '' or one of "
+                              f"{sorted(self.bundle.splits)}")
+        return name
+
     def track(self) -> dict[str, Any]:
         """End-of-epoch figures: validation accuracy, worst-group accuracy and (optionally) concept dominance."""
         sel = self.recipe.selection
@@ -215,6 +228,12 @@ class Trainer:
         val = evaluate_splits(self.net, {sel.split: split}, self.device, dist=self.dist)[sel.split]
         row: dict[str, Any] = {"epoch": self.epoch, "val_accuracy": val["accuracy"],
                                "val_worst_group_accuracy": val["worst_group_accuracy"]}
+        oracle = self.oracle_split()
+        if oracle is not None:
+            row["oracle_split"] = oracle
+            row["oracle_accuracy"] = evaluate_splits(self.net, {oracle: self.bundle.splits[oracle]}, self.device,
+                                                     dist=self.dist)[oracle]["accuracy"]
+            self.writer.add_scalar(f"oracle/{oracle}_accuracy", row["oracle_accuracy"], self.epoch)
         if sel.track_concepts:
             if self.matching_epoch != self.epoch:
                 self.rematch()
