@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from .errors import DebiasError, did_you_mean
-from .models.hub import CLIP_HUB, TIMM_FILES, TIMM_HUB, cached_file, clip_weights_missing, split_clip_hub
+from .models.hub import CLIP_HUB, TIMM_FILES, TIMM_HUB, cached_file, find_clip_weights
 from .recipe import Recipe
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -170,19 +170,17 @@ def _clip_weights_problem(recipe: Recipe) -> str | None:
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if Path(pretrained).is_file():  # a file path: no need to import open_clip to check it
             return None
-    elif (c.name, pretrained) in CLIP_HUB:  # the shipped recipes' CLIP: no open_clip import (seconds)
-        hub = CLIP_HUB[c.name, pretrained]
-        if cached_file(*split_clip_hub(hub), cache_dir=c.cache_dir):
-            return None
-        return clip_weights_missing(c.name, pretrained, f"hub repo {hub.rstrip('/')}", c.cache_dir)
-    import open_clip
-
-    from .models.clip import resnet_clip_names, resolve_clip_weights
-
-    if c.name not in open_clip.list_models():
-        return (f"clip.name = {c.name!r}: not an open_clip model{did_you_mean(c.name, resnet_clip_names())}; "
-                f"ResNet CLIPs: {resnet_clip_names()}")
     try:
+        if (c.name, pretrained) in CLIP_HUB:  # the shipped recipes' CLIP: no open_clip import (seconds)
+            find_clip_weights(c.name, pretrained, CLIP_HUB[c.name, pretrained], c.cache_dir)
+            return None
+        import open_clip
+
+        from .models.clip import resnet_clip_names, resolve_clip_weights
+
+        if c.name not in open_clip.list_models():
+            return (f"clip.name = {c.name!r}: not an open_clip model{did_you_mean(c.name, resnet_clip_names())}; "
+                    f"ResNet CLIPs: {resnet_clip_names()}")
         resolve_clip_weights(c.name, pretrained, c.cache_dir)
     except DebiasError as exc:
         return str(exc)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import DebiasError, did_you_mean
 from ..recipe import ClipCfg
-from .hub import cached_file, clip_weights_missing, split_clip_hub
+from .hub import find_clip_weights
 
 CLIP_STAGES = ("layer1", "layer2", "layer3", "layer4")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -147,9 +147,4 @@ def resolve_clip_weights(name: str, pretrained: str, cache_dir: str = "") -> str
         raise DebiasError(f"clip.pretrained = {pretrained!r}: not a file and not a tag for {name}; "
                           f"available tags: {tags}")
     pcfg = open_clip.get_pretrained_cfg(name, pretrained)
-    hub = pcfg.get("hf_hub", "")
-    found = cached_file(*split_clip_hub(hub), cache_dir=cache_dir) if hub else None
-    if found is None:
-        where = f"hub repo {hub.rstrip('/')}" if hub else pcfg.get("url", "its URL")
-        raise DebiasError(clip_weights_missing(name, pretrained, where, cache_dir))
-    return found
+    return find_clip_weights(name, pretrained, pcfg.get("hf_hub", ""), cache_dir, pcfg.get("url", ""))

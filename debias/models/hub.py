@@ -8,6 +8,8 @@ slower).
 """
 from __future__ import annotations
 
+from ..errors import DebiasError
+
 TIMM_HUB: dict[str, tuple[str, str | None]] = {
     "resnet50.tv_in1k": ("timm/resnet50.tv_in1k", None),
     "resnet50": ("timm/resnet50.a1_in1k", None),
@@ -43,8 +45,14 @@ def split_clip_hub(hub: str) -> tuple[str, list[str]]:
     return repo_id, [filename]
 
 
-def clip_weights_missing(name: str, tag: str, where: str, cache_dir: str = "") -> str:
-    """The message for CLIP weights that are not in the local cache."""
-    return (f"clip.pretrained = {tag!r}: the {name} {tag} weights are not in the local cache "
-            f"(cache_dir={cache_dir or 'HF_HOME default'}) and this run does not download; fetch them from {where} "
-            f"on a connected machine and set clip.pretrained to the file path, or copy the hub cache here")
+def find_clip_weights(name: str, tag: str, hub: str, cache_dir: str = "", url: str = "") -> str:
+    """The cached weights file of open_clip's ``hf_hub`` entry ``hub`` for ``name``/``tag``; a miss raises a
+    :class:`DebiasError` that says where to get them (``url`` when there is no hub entry)."""
+    found = cached_file(*split_clip_hub(hub), cache_dir=cache_dir) if hub else None
+    if found is None:
+        where = f"hub repo {hub.rstrip('/')}" if hub else (url or "its URL")
+        raise DebiasError(f"clip.pretrained = {tag!r}: the {name} {tag} weights are not in the local cache "
+                          f"(cache_dir={cache_dir or 'HF_HOME default'}) and this run does not download; fetch them "
+                          f"from {where} on a connected machine and set clip.pretrained to the file path, or copy "
+                          "the hub cache here")
+    return found

@@ -224,15 +224,14 @@ class Trainer:
     def track(self) -> dict[str, Any]:
         """End-of-epoch figures: validation accuracy, worst-group accuracy and (optionally) concept dominance."""
         sel = self.recipe.selection
-        split = self.bundle.splits[sel.split]
-        val = evaluate_splits(self.net, {sel.split: split}, self.device, dist=self.dist)[sel.split]
+        oracle = self.oracle_split()
+        names = [sel.split] + ([oracle] if oracle is not None else [])
+        figures = evaluate_splits(self.net, {n: self.bundle.splits[n] for n in names}, self.device, dist=self.dist)
+        val = figures[sel.split]
         row: dict[str, Any] = {"epoch": self.epoch, "val_accuracy": val["accuracy"],
                                "val_worst_group_accuracy": val["worst_group_accuracy"]}
-        oracle = self.oracle_split()
         if oracle is not None:
-            row["oracle_split"] = oracle
-            row["oracle_accuracy"] = evaluate_splits(self.net, {oracle: self.bundle.splits[oracle]}, self.device,
-                                                     dist=self.dist)[oracle]["accuracy"]
+            row["oracle_split"], row["oracle_accuracy"] = oracle, figures[oracle]["accuracy"]
             self.writer.add_scalar(f"oracle/{oracle}_accuracy", row["oracle_accuracy"], self.epoch)
         if sel.track_concepts:
             if self.matching_epoch != self.epoch:
