@@ -29,6 +29,11 @@ def test_streaming_correlation_matches_brute_force():
     for sk in s:
         for ck in c:
             assert torch.allclose(stats.correlation(sk, ck), _brute(s[sk], c[ck]), atol=1e-4), (sk, ck)
+    for sk in s:  # per-channel statistics on the tap's own grid (shared with the pairs on that grid)
+        flat = s[sk].permute(0, 2, 3, 1).reshape(-1, s[sk].shape[1]).double()
+        mean, std = stats.native_stats("s", sk)
+        assert torch.allclose(mean, flat.mean(0).float(), atol=1e-5)
+        assert torch.allclose(std, flat.std(0, unbiased=False).float(), atol=1e-5)
     sizes = [t.numel() for t in stats.tensors()]
     stats.update(s, c)  # more images: the same statistics, no growth
     assert [t.numel() for t in stats.tensors()] == sizes
