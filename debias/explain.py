@@ -99,10 +99,11 @@ def build_graft(clip: ClipModel, matching: Matching, recipe: Recipe) -> GraftedC
 
 @torch.no_grad()
 def embed(model: StandaloneModel, graft: GraftedCLIP, clip: ClipModel, split: Split, device: torch.device,
-          batch_size: int = 256, limit: int | None = None, dist: Dist | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          batch_size: int = 256, limit: int | None = None, dist: Dist | None = None,
+          clip_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grafted and plain-CLIP embeddings of a split and the model's predicted classes (with ``dist``: each
-    process embeds a block, all gathered)."""
+    process embeds a block, all gathered). ``clip_emb``: the plain-CLIP embeddings of these images, already
+    computed (CLIP is fixed), returned as they are instead of encoding the images again."""
     training = model.training
     model.eval()
     g_out, c_out, p_out = [], [], []
@@ -112,14 +113,16 @@ def embed(model: StandaloneModel, graft: GraftedCLIP, clip: ClipModel, split: Sp
         images = images.to(device)
         logits, taps = model(images, taps=True)
         g_out.append(graft(images, taps).float().cpu())
-        c_out.append(clip.encode_image(images).float().cpu())
+        if clip_emb is None:
+            c_out.append(clip.encode_image(images).float().cpu())
         p_out.append(logits.argmax(1).float().cpu())
     model.train(training)
-    g, c, p = torch.cat(g_out), torch.cat(c_out), torch.cat(p_out)
+    g, p = torch.cat(g_out), torch.cat(p_out)
+    c = torch.cat(c_out) if clip_emb is None else None
     if sharded:
-        g, c, p = (dist.gather_blocks(t, n) for t in (g, c, p.unsqueeze(1)))
-        p = p.squeeze(1)
-    return g, c, p.long()
+        g, p = dist.gather_blocks(g, n), dist.gather_blocks(p.unsqueeze(1), n).squeeze(1)
+        c = dist.gather_blocks(c, n) if c is not None else None
+    return g, (clip_emb if c is None else c), p.long()
 
 
 def text_embeddings(clip: ClipModel, concepts: list[ConceptSet]) -> dict[str, torch.Tensor]:
@@ -130,15 +133,20 @@ def text_embeddings(clip: ClipModel, concepts: list[ConceptSet]) -> dict[str, to
 def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, recipe: Recipe, split: Split,
                   concepts: list[ConceptSet], device: torch.device, progress: bool = True,
                   control_draws: int | None = None, dist: Dist | None = None,
-                  limit: int | None = None) -> dict:
+                  limit: int | None = None, clip_cache: dict | None = None) -> dict:
     """Concept scores of the grafted model on ``split``, the dominant concept and the random-matching control.
 
     ``dist``: the embeddings are computed in blocks across processes and gathered, so every process returns the
-    same result."""
+    same result. ``clip_cache`` (a dict the caller keeps): plain-CLIP embeddings of the split, computed on the
+    first call and reused by later ones (the trainer explains the same images every epoch)."""
     text = text_embeddings(clip, concepts)
     graft = build_graft(clip, matching, recipe).to(device)
     limit = limit or recipe.explain.num_images or None
-    g_emb, c_emb, preds = embed(model, graft, clip, split, device, limit=limit, dist=dist)
+    key = (split.name, len(split), limit)
+    cached = clip_cache.get(key) if clip_cache is not None else None
+    g_emb, c_emb, preds = embed(model, graft, clip, split, device, limit=limit, dist=dist, clip_emb=cached)
+    if clip_cache is not None:
+        clip_cache[key] = c_emb
     n = len(preds)
     labels, attrs = split.labels[:n], split.attrs[:n]
     readout = read_concepts(g_emb, c_emb, labels, attrs, concepts, text, preds)
@@ -149,7 +157,7 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
     for _ in tqdm(range(draws_wanted), desc="control", leave=False, disable=not progress):
         rand = random_matching(matching, model.tap_channels, gen)
         rg = build_graft(clip, rand, recipe).to(device)
-        rg_emb, _, _ = embed(model, rg, clip, split, device, limit=limit, dist=dist)
+        rg_emb, _, _ = embed(model, rg, clip, split, device, limit=limit, dist=dist, clip_emb=c_emb)
         r = read_concepts(rg_emb, c_emb, labels, attrs, concepts, text, preds)
         draws.append(r.scores())
         rep_draws.append(r.representation())

@@ -112,6 +112,8 @@ class Trainer:
         self.matching_epoch = -1
         self.matching_step = -1
         """The training step the current matching was computed at (a model matched once is not matched again)."""
+        self.clip_cache: dict = {}
+        """Plain-CLIP embeddings of the splits explained every epoch (CLIP is fixed: computed once)."""
         self._unlabeled_iter = None
         self.best: dict[str, dict[str, Any]] = {}
         self.step = 0
@@ -238,7 +240,7 @@ class Trainer:
                 self.rematch()
             ex = explain_model(self.net, self.clip, self.matching, self.recipe, self.concept_split(), self.concepts,
                                self.device, progress=False, control_draws=0, dist=self.dist,
-                               limit=sel.concept_images)
+                               limit=sel.concept_images, clip_cache=self.clip_cache)
             core = [v for k, v in ex["scores"].items() if ex["roles"][k] == "core"]
             spur = [v for k, v in ex["scores"].items() if ex["roles"][k] == "spurious"]
             row["concept_scores"] = ex["scores"]
@@ -426,7 +428,7 @@ class Trainer:
         if self.dist.is_main:
             io.save_tensors(self.out / "matching.safetensors", matching.state_dict())
         return explain_model(self.net, self.clip, matching, r, self.bundle.splits[split_name], self.concepts,
-                             self.device, self.progress, dist=self.dist)
+                             self.device, self.progress, dist=self.dist, clip_cache=self.clip_cache)
 
     def evaluate_selection(self) -> dict[str, Any]:
         """Test figures of the checkpoint each selection rule picked."""
