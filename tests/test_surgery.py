@@ -133,3 +133,31 @@ def test_random_control_keeps_counts_per_stage(tiny_clip):
 def test_recipe_graft_defaults():
     r = Recipe()
     assert r.graft.mode == "swap" and r.graft.stages == ["layer2", "layer3", "layer4"] and r.graft.unmatched == "mean"
+
+
+def test_explain_reuses_plain_clip_embeddings_without_changing_the_result(tiny_clip):
+    import json
+
+    from debias.concepts import ConceptSet
+    from debias.data.splits import Split
+    from debias.explain import explain_model
+
+    torch.manual_seed(0)
+    model = StandaloneModel("resnet10t", 2).eval()
+    split = Split("probe", torch.rand(24, 3, 32, 32), torch.arange(24) % 2, (torch.arange(24) // 2) % 2,
+                  ["five", "eight"], ["red", "green"])
+    concepts = [ConceptSet("digit", ["a five", "an eight"], "label", "core"),
+                ConceptSet("color", ["a red digit", "a green digit"], "attr", "spurious")]
+    matching, recipe = _real_matching(model, tiny_clip), Recipe()
+    args = (model, tiny_clip, matching, recipe, split, concepts, torch.device("cpu"))
+    plain = explain_model(*args, progress=False, control_draws=2)
+    cache: dict = {}
+    first = explain_model(*args, progress=False, control_draws=2, clip_cache=cache)
+    again = explain_model(*args, progress=False, control_draws=2, clip_cache=cache)
+    same = [json.dumps(r, sort_keys=True) for r in (plain, first, again)]  # NaN-safe equality
+    assert same[0] == same[1] == same[2]
+    (key, emb), = cache.items()
+    assert torch.allclose(emb, tiny_clip.encode_image(split.images), atol=1e-6)
+    cache[key] = torch.randn_like(emb)  # what is cached is what is used
+    assert explain_model(*args, progress=False, control_draws=0, clip_cache=cache)["clip_alignment"] != \
+        plain["clip_alignment"]
