@@ -5,19 +5,22 @@
     python tools/sweep.py --methods erm concept:graft --set concept.weight=2 --out runs/w2
     python tools/sweep.py --bias 1.0 --jobs 2 --out runs/sweep   # 2 runs at a time, 1 thread each (2 cores)
 
-With ``--jobs N`` (N > 1) each run is a subprocess with ``cores // N`` torch threads and its log in ``OUT/logs``;
-the small models here use a second core better as a second run than as a second thread.
+With ``--jobs N`` (N > 1) N worker processes (``cores // N`` torch threads each) take the runs in turn, each run's
+output in ``OUT/logs``; a worker imports torch, timm and open_clip once for all its runs. The small models here
+use a second core better as a second run than as a second thread.
 
 A method ``concept:SOURCE`` is the concept method with ``concept.source = SOURCE``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from debias.cli import main as debias_main
@@ -30,25 +33,41 @@ def run_dir(out: Path, method: str, bias: float, seed: int) -> Path:
     return out / f"{method.replace(':', '-')}_bias{bias}_seed{seed}"
 
 
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_logged(cmd: list[str], log_path: str) -> tuple[int, float]:
+    """One ``debias`` command in this worker process, its output (and any traceback) in ``log_path``."""
+    ts = time.perf_counter()
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            code = debias_main(cmd)
+        except BaseException:  # a crash fails this run only; the traceback is in its log
+            traceback.print_exc()
+            code = 1
+    return code, time.perf_counter() - ts
+
+
 def _run_parallel(todo: list[tuple[Path, list[str]]], jobs: int, logs: Path) -> list[str]:
-    """Run ``debias`` commands ``jobs`` at a time, each in a subprocess with its share of the cores."""
+    """Run ``debias`` commands on ``jobs`` worker processes, each with its share of the cores."""
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
-
-    def one(item: tuple[Path, list[str]]) -> tuple[str, int, float]:
-        d, cmd = item
-        ts = time.perf_counter()
-        with open(logs / f"{d.name}.log", "w") as log:
-            code = subprocess.run([sys.executable, "-m", "debias", *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                  env=env).returncode
-        seconds = time.perf_counter() - ts
-        print(f"{d.name}: exit {code} in {seconds:.0f} s" + ("" if code == 0 else f" (log: {logs / d.name}.log)"),
-              flush=True)
-        return d.name, code, seconds
-
-    with ThreadPoolExecutor(jobs) as pool:
-        results = list(pool.map(one, todo))
-    return [name for name, code, _ in results if code != 0]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' OpenMP at start
+    failed = []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_logged, cmd, str(logs / f"{d.name}.log")): d for d, cmd in todo}
+        for future in as_completed(futures):
+            d = futures[future]
+            code, seconds = future.result()
+            print(f"{d.name}: exit {code} in {seconds:.0f} s" + ("" if code == 0 else f" (log: {logs / d.name}.log)"),
+                  flush=True)
+            if code != 0:
+                failed.append(d.name)
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
