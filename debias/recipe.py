@@ -172,6 +172,10 @@ class ConceptPenaltyCfg:
     batch through the graft from the current model's taps (the CNN can then hide the concept from the graft)."""
     temperature: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
     """Divides CLIP's logit scale for the caption prediction (higher = softer)."""
+    dependence: str = field(default="mi", metadata=_choices("mi", "logit_corr"))
+    """The dependence penalised: ``mi``, the soft mutual information between the class probabilities and the
+    concept prediction; ``logit_corr``, the mean squared correlation between the class logits and the concept
+    prediction (does not fade when the class prediction saturates)."""
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 
 from debias.cli import main
 from debias.compare import compare_runs
-from debias.train.methods import METHODS, soft_mutual_information
+from debias.train.methods import METHODS, logit_correlation, soft_mutual_information
 
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
         "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t",
@@ -24,6 +24,26 @@ def test_penalty_zero_when_independent_and_large_when_equal():
     mi = soft_mutual_information(p_eq, p_eq)
     assert abs(mi - torch.log(torch.tensor(2.0))) < 0.01  # H(y) for a balanced binary label
     assert soft_mutual_information(torch.full((8, 2), 0.5), q_ind[:8]) < 1e-6  # a constant prediction
+
+
+def test_logit_correlation_zero_when_independent_one_when_linear_and_does_not_fade_when_saturated():
+    g = torch.Generator().manual_seed(0)
+    shape = torch.randn(512, generator=g)
+    colour = torch.randint(0, 2, (512,), generator=g)
+    q = torch.nn.functional.one_hot(colour, 2).float()
+    independent = torch.stack([-shape, shape], 1)
+    assert logit_correlation(independent, q) < 0.01
+    assert abs(logit_correlation(torch.stack([-colour.float(), colour.float()], 1) * 3, q) - 1) < 1e-4
+    assert logit_correlation(torch.zeros(8, 2), q[:8]) == 0  # a constant prediction: no dependence
+    # a confident shape term hides a colour term from the probabilities, not from the logits
+    def logits(colour_term: float) -> torch.Tensor:
+        margin = 20 * torch.sign(shape) + colour_term * (colour.float() - 0.5)
+        return torch.stack([-margin, margin], 1) / 2
+
+    mi_without, mi_with = (soft_mutual_information(logits(t).softmax(-1), q) for t in (0.0, 4.0))
+    assert abs(mi_with - mi_without) < 1e-6  # the probabilities do not see the colour term
+    corr_without, corr_with = (logit_correlation(logits(t), q) for t in (0.0, 4.0))
+    assert corr_with > 5 * corr_without
 
 
 def test_groupdro_weights_move_toward_worst_group(tmp_path):
@@ -127,3 +147,24 @@ def test_graft_read_once_per_matching_and_per_step(tmp_path):
     out = tmp_path / "step"
     assert main(["train", "recipes/colored_digits.toml", "--method", "concept", "--out", str(out), "--no-progress",
                  "--set", *TINY, "concept.graft_read=step"]) == 0
+
+
+def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_path):
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
+                                                                 "concept.dependence=logit_corr"])
+    t = Trainer(recipe, tmp_path, progress=False)
+    split = t.bundle.splits["train"]
+    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
+    drawn, draw = [], t.next_unlabeled
+    t.next_unlabeled = lambda: drawn.append(draw()) or drawn[-1]  # record the stream batch the step draws
+    terms = t.method.loss_terms(batch, 0)
+    (images_u, index_u), = drawn
+    with torch.no_grad():
+        logits = t.model(torch.cat([batch["images"], images_u]))[16:]
+    q = t.method._cache_q()[index_u]
+    assert float(terms["penalty"]) == pytest.approx(float(logit_correlation(logits, q)), rel=1e-4)
+    assert float(terms["penalty"]) != pytest.approx(float(soft_mutual_information(logits.softmax(-1), q)), rel=1e-2)
+    assert float(terms["loss"]) == pytest.approx(float(terms["nll"] + terms["penalty"]), rel=1e-5)

@@ -73,6 +73,22 @@ def soft_mutual_information(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8)
     return (joint * ((joint + eps).log() - (marg + eps).log())).sum()
 
 
+def logit_correlation(logits: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Mean squared Pearson correlation over a batch between the CNN's class logits (N, K), centred over the
+    classes, and the concept's soft prediction ``q`` (N, C); 0 when uncorrelated, 1 when linearly dependent.
+
+    Unlike the mutual information of the softmax, it does not fade when the prediction saturates: a colour term
+    that a confident shape term hides from the probabilities still shows in the logits (and flips swapped images).
+    A column that is constant over the batch counts as uncorrelated.
+    """
+    z = logits.float() - logits.float().mean(1, keepdim=True)
+    z, q = z - z.mean(0), q.float() - q.float().mean(0)
+    cov = z.T @ q / z.shape[0]
+    scale = torch.outer(z.pow(2).mean(0).sqrt(), q.pow(2).mean(0).sqrt())
+    corr = torch.where(scale > eps, cov / scale.clamp_min(eps), torch.zeros_like(cov))
+    return corr.pow(2).mean()
+
+
 @register("concept")
 class ConceptPenalty(Method):
     """Task loss + weight * soft MI between the CNN's class prediction and the spurious concept's caption
@@ -180,8 +196,11 @@ class ConceptPenalty(Method):
             q = self._cache_q()[index_u].to(x.device)
         nll = F.cross_entropy(logits[:n], batch["labels"])
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
-        p_all, q_all = trainer.dist.gather_rows(logits[n:].float().softmax(-1)), trainer.dist.gather_rows(q.float())
-        penalty = soft_mutual_information(p_all, q_all)
+        q_all = trainer.dist.gather_rows(q.float())
+        if self.cfg.dependence == "logit_corr":
+            penalty = logit_correlation(trainer.dist.gather_rows(logits[n:].float()), q_all)
+        else:
+            penalty = soft_mutual_information(trainer.dist.gather_rows(logits[n:].float().softmax(-1)), q_all)
         return {"loss": nll + self.cfg.weight * penalty, "nll": nll, "penalty": penalty}
 
 
