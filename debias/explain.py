@@ -142,7 +142,7 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
     text = text_embeddings(clip, concepts)
     graft = build_graft(clip, matching, recipe).to(device)
     limit = limit or recipe.explain.num_images or None
-    key = (split.name, len(split), limit)
+    key = (split.name, split.epoch, len(split), limit)  # a split re-drawn each epoch has new images
     cached = clip_cache.get(key) if clip_cache is not None else None
     g_emb, c_emb, preds = embed(model, graft, clip, split, device, limit=limit, dist=dist, clip_emb=cached)
     if clip_cache is not None:

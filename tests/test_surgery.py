@@ -161,3 +161,10 @@ def test_explain_reuses_plain_clip_embeddings_without_changing_the_result(tiny_c
     cache[key] = torch.randn_like(emb)  # what is cached is what is used
     assert explain_model(*args, progress=False, control_draws=0, clip_cache=cache)["clip_alignment"] != \
         plain["clip_alignment"]
+    # a split re-drawn for a new epoch (the training split as the probe) is encoded again
+    redrawn = torch.rand(24, 3, 32, 32)
+    split.render = lambda epoch: (redrawn, split.labels, split.attrs)
+    split.set_epoch(1)
+    fresh = explain_model(*args, progress=False, control_draws=0)
+    assert json.dumps(explain_model(*args, progress=False, control_draws=0, clip_cache=cache), sort_keys=True) == \
+        json.dumps(fresh, sort_keys=True)
