@@ -45,7 +45,9 @@ def _run_logged(cmd: list[str], log_path: str) -> tuple[int, float]:
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             code = debias_main(cmd)
-        except BaseException:  # a crash fails this run only; the traceback is in its log
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # a crash fails this run only; the traceback is in its log
             traceback.print_exc()
             code = 1
     return code, time.perf_counter() - ts
@@ -62,7 +64,11 @@ def _run_parallel(todo: list[tuple[Path, list[str]]], jobs: int, logs: Path) -> 
         futures = {pool.submit(_run_logged, cmd, str(logs / f"{d.name}.log")): d for d, cmd in todo}
         for future in as_completed(futures):
             d = futures[future]
-            code, seconds = future.result()
+            try:
+                code, seconds = future.result()
+            except Exception as exc:  # the worker itself died (killed, out of memory): the pool is gone
+                code, seconds = 1, 0.0
+                print(f"{d.name}: worker process failed ({type(exc).__name__}: {exc})", file=sys.stderr)
             print(f"{d.name}: exit {code} in {seconds:.0f} s" + ("" if code == 0 else f" (log: {logs / d.name}.log)"),
                   flush=True)
             if code != 0:

@@ -1,0 +1,22 @@
+"""tools/sweep.py with worker processes: runs land where the compare expects them; a failed run is named."""
+import json
+import subprocess
+import sys
+
+TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "matching.num_images=64",
+        "explain.control_draws=1", "model.name=resnet10t", "train.batch_size=32"]
+
+
+def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
+    out = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "1", "--jobs", "2",
+                           "--out", str(out), "--set", *TINY], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "compare" / "compare.json").read_text())["rows"]
+    assert sorted(r["seed"] for r in rows) == [0, 1]
+    assert all((out / f"erm_bias1.0_seed{s}" / "done").exists() for s in (0, 1))
+    assert "dominant concept" in (out / "logs" / "erm_bias1.0_seed0.log").read_text()  # the run's output, logged
+    bad = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--jobs", "2",
+                          "--out", str(tmp_path / "bad"), "--set", *TINY, "bogus=1"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "erm_bias1.0_seed0" in bad.stderr and "no compare written" in bad.stderr
+    assert "unknown recipe key 'bogus'" in (tmp_path / "bad" / "logs" / "erm_bias1.0_seed0.log").read_text()
