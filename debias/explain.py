@@ -118,11 +118,11 @@ def embed(model: StandaloneModel, graft: GraftedCLIP, clip: ClipModel, split: Sp
         p_out.append(logits.argmax(1).float().cpu())
     model.train(training)
     g, p = torch.cat(g_out), torch.cat(p_out)
-    c = torch.cat(c_out) if clip_emb is None else None
+    if clip_emb is None:
+        clip_emb = dist.gather_blocks(torch.cat(c_out), n) if sharded else torch.cat(c_out)
     if sharded:
         g, p = dist.gather_blocks(g, n), dist.gather_blocks(p.unsqueeze(1), n).squeeze(1)
-        c = dist.gather_blocks(c, n) if c is not None else None
-    return g, (clip_emb if c is None else c), p.long()
+    return g, clip_emb, p.long()
 
 
 def text_embeddings(clip: ClipModel, concepts: list[ConceptSet]) -> dict[str, torch.Tensor]:
