@@ -71,6 +71,8 @@ def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
                                                                       for s, x in v["splits"].items()}}
                                    for k, v in m.get("selection", {}).items()},
                      "oracle": _oracle(m.get("history", [])),
+                     "stream": ({k: m["stream"][k] for k in ("accuracy", "worst_group_accuracy")}
+                                if m.get("stream") else None),
                      "timing": m.get("timing", {})})
     by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
@@ -89,6 +91,9 @@ def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
                                 for c in members[0]["representation"]},
              "dominant_concept": {d: sum(r["dominant_concept"] == d for r in members)
                                   for d in sorted({r["dominant_concept"] for r in members})}}
+        if all(r["stream"] for r in members):
+            g["stream"] = {k: _mean_std([r["stream"][k] for r in members])
+                           for k in ("accuracy", "worst_group_accuracy")}
         groups.append(g)
     result = {"rows": rows, "groups": groups}
     io.check_writable(out)
@@ -132,6 +137,21 @@ def render_report(result: dict[str, Any]) -> str:
             vals = g.get(key, {})
             lines.append(f"| {g['method']} | {g['setting']} | " + " | ".join(
                 _fmt(vals[c]) if c in vals else "-" for c in concepts) + " |")
+    fitted = [g for g in groups if g.get("stream")]
+    if fitted:
+        ref = "shifted" if all("shifted" in g["splits"] for g in fitted) else None
+        lines += ["", "## The penalty's own images vs fresh images", "",
+                  "The unlabeled stream's labels are withheld from the method and read for this table only. Stream "
+                  "accuracy above the accuracy on fresh images under the same shift means the penalty was fitted on "
+                  "the stream's images more than it generalised.", "",
+                  "| method | setting | stream | stream worst-group"
+                  + (f" | {ref} | {ref} worst-group |" if ref else " |"),
+                  "|---|---|---|---|" + ("---|---|" if ref else "")]
+        for g in fitted:
+            cells = [_fmt(g["stream"]["accuracy"]), _fmt(g["stream"]["worst_group_accuracy"])]
+            if ref:
+                cells += [_fmt(g["splits"][ref]["accuracy"]), _fmt(g["splits"][ref]["worst_group_accuracy"])]
+            lines.append(f"| {g['method']} | {g['setting']} | " + " | ".join(cells) + " |")
     sel_rows = [r for r in result["rows"] if r.get("selection")]
     if sel_rows:
         lines += ["", "## Checkpoint selection (shifted accuracy of the checkpoint each rule picked)", "",

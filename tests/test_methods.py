@@ -169,3 +169,39 @@ def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_p
     assert penalty == pytest.approx(float(logit_correlation(logits, q)), rel=1e-4)
     assert penalty != pytest.approx(float(soft_mutual_information(logits.softmax(-1), q)), rel=1e-2)
     assert float(terms["loss"].detach()) == pytest.approx(float((terms["nll"] + terms["penalty"]).detach()), rel=1e-5)
+
+
+def test_stream_fit_reported_for_the_stream_method_only(tmp_path):
+    """A run that trains against the unlabeled stream reports its accuracy on the stream (labels read for the
+    report only), equal to predicting the stream with the saved model; compare shows it beside the shifted split."""
+    from debias.commands import load_standalone_weights
+    from debias.data import load_dataset
+    from debias.evaluate import predict
+    from debias.models.standalone import StandaloneModel
+    from debias.recipe import load_recipe
+
+    runs = {}
+    for method in ("concept", "erm"):
+        runs[method] = tmp_path / method
+        assert main(["train", "recipes/colored_digits.toml", "--method", method, "--out", str(runs[method]),
+                     "--no-progress", "--set", *TINY, "train.epochs=1"]) == 0
+    m = json.loads((runs["concept"] / "metrics.json").read_text())
+    assert "stream" not in json.loads((runs["erm"] / "metrics.json").read_text())
+    recipe = load_recipe(str(runs["concept"] / "recipe.toml"), [])
+    bundle = load_dataset(recipe)
+    model = StandaloneModel(recipe.model.name, bundle.num_classes)
+    load_standalone_weights(model, runs["concept"], recipe, bundle.class_names)
+    preds = predict(model, bundle.unlabeled, torch.device("cpu"))
+    stream = bundle.unlabeled
+    assert m["stream"]["n"] == len(stream)
+    assert m["stream"]["accuracy"] == pytest.approx(float((preds == stream.labels).float().mean()))
+    assert set(m["stream"]["groups"]) == {"5|red", "5|green", "8|red", "8|green"}
+    result = compare_runs([runs["concept"], runs["erm"]], tmp_path / "cmp")
+    by_method = {g["method"]: g for g in result["groups"]}
+    assert by_method["concept[graft]"]["stream"]["accuracy"]["mean"] == pytest.approx(m["stream"]["accuracy"])
+    assert "stream" not in by_method["erm"]
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "## The penalty's own images vs fresh images" in report
+    line = next(x for x in report.splitlines() if x.startswith("| concept[graft] |") and "±" not in x
+                and f"{m['stream']['accuracy']:.3f}" in x)
+    assert f"{m['splits']['shifted']['accuracy']:.3f}" in line

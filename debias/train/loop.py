@@ -389,6 +389,11 @@ class Trainer:
         for name, m in splits.items():
             self.writer.add_scalar(f"final/{name}/accuracy", m["accuracy"], self.epoch)
             self.writer.add_scalar(f"final/{name}/worst_group_accuracy", m["worst_group_accuracy"], self.epoch)
+        stream = None
+        if self.method.needs_unlabeled:  # how well the penalty's own images were fitted, next to fresh images
+            stream = evaluate_splits(self.net, {"stream": self.bundle.unlabeled}, self.device, dist=self.dist)["stream"]
+            self.writer.add_scalar("final/stream/accuracy", stream["accuracy"], self.epoch)
+            self.writer.add_scalar("final/stream/worst_group_accuracy", stream["worst_group_accuracy"], self.epoch)
         explanation = self.explain()
         selection = self.evaluate_selection()
         metrics = {
@@ -403,6 +408,9 @@ class Trainer:
             "history": self.history,
             "recipe": r.to_dict(),
         }
+        if stream is not None:
+            # the stream's labels are withheld from the method; they are read here for this report only
+            metrics["stream"] = stream
         if self.dist.active:
             metrics["distributed"] = {"world_size": self.dist.world, "backend": torch.distributed.get_backend()}
         if self.dist.is_main:
