@@ -176,6 +176,10 @@ class ConceptPenaltyCfg:
     """The dependence penalised: ``mi``, the soft mutual information between the class probabilities and the
     concept prediction; ``logit_corr``, the mean squared correlation between the class logits and the concept
     prediction (does not fade when the class prediction saturates)."""
+    joint_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    """With ``dependence = 'mi'``: 0 estimates the joint distribution of class and concept predictions on each
+    stream batch alone; d > 0 keeps a running estimate ``d * previous + (1 - d) * batch`` (less sampling noise than
+    one small batch; d = 0.9 spans about ten batches)."""
 
 
 @dataclass
@@ -368,6 +372,13 @@ def _validate_cross(recipe: Recipe) -> None:
         if stage not in ("layer1", "layer2", "layer3", "layer4"):
             raise RecipeError(f"graft.stages = {recipe.graft.stages!r}: {stage!r} is not a CLIP stage; expected "
                               f"some of ['layer1', 'layer2', 'layer3', 'layer4']{did_you_mean(stage, ['layer1', 'layer2', 'layer3', 'layer4'])}")
+    k = recipe.concept
+    if k.joint_decay >= 1.0:
+        raise RecipeError(f"concept.joint_decay = {k.joint_decay!r}: expected a value in [0, 1) (1 would never let the "
+                          "running estimate move from the first batch)")
+    if k.joint_decay > 0 and k.dependence != "mi":
+        raise RecipeError(f"concept.joint_decay = {k.joint_decay!r} applies to concept.dependence = 'mi' only, "
+                          f"not {k.dependence!r}; set concept.joint_decay = 0")
     from .train.methods import AUGMENTATIONS, METHODS
 
     if recipe.train.method not in METHODS:

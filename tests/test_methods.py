@@ -6,7 +6,7 @@ import torch
 
 from debias.cli import main
 from debias.compare import compare_runs
-from debias.train.methods import METHODS, logit_correlation, soft_mutual_information
+from debias.train.methods import METHODS, logit_correlation, mutual_information_of_joint, soft_mutual_information
 
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
         "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t",
@@ -24,6 +24,30 @@ def test_penalty_zero_when_independent_and_large_when_equal():
     mi = soft_mutual_information(p_eq, p_eq)
     assert abs(mi - torch.log(torch.tensor(2.0))) < 0.01  # H(y) for a balanced binary label
     assert soft_mutual_information(torch.full((8, 2), 0.5), q_ind[:8]) < 1e-6  # a constant prediction
+
+
+def test_running_joint_surrogate_has_the_gradient_of_the_running_mutual_information():
+    """``concept.joint_decay = d``: the step's surrogate mean_i p_i^T PMI q_i, with PMI taken from the updated running
+    joint ``d * previous + (1 - d) * batch``, moves the logits exactly as that joint's MI does, scaled by 1 / (1 - d)
+    (a per-batch step size), and its value equals the MI of the batch's joint when previous = batch."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 2, generator=g, requires_grad=True)
+    q = torch.softmax(torch.randn(16, 2, generator=g) * 3, -1)
+    previous = torch.softmax(torch.randn(4, generator=g), 0).reshape(2, 2)
+    d = 0.9
+    p = logits.softmax(-1)
+    joint = d * previous + (1 - d) * p.T @ q / len(q)
+    mi, _ = mutual_information_of_joint(joint)
+    (grad_mi,) = torch.autograd.grad(mi, logits, retain_graph=True)
+    _, pmi = mutual_information_of_joint(joint.detach())
+    surrogate = (p * (q @ pmi.T)).sum(1).mean()
+    (grad_surrogate,) = torch.autograd.grad(surrogate, logits)
+    assert torch.allclose(grad_surrogate * (1 - d), grad_mi, atol=1e-6)
+    assert grad_mi.abs().max() > 1e-4  # not a vacuous comparison
+    batch_joint = (p.T @ q / len(q)).detach()
+    value, pmi_b = mutual_information_of_joint(batch_joint)
+    assert value == pytest.approx(float(soft_mutual_information(p.detach(), q)), abs=1e-6)
+    assert float((p.detach() * (q @ pmi_b.T)).sum(1).mean()) == pytest.approx(float(value), abs=1e-6)
 
 
 def test_logit_correlation_zero_when_independent_one_when_linear_and_does_not_fade_when_saturated():

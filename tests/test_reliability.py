@@ -68,6 +68,9 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("oracle split not a split", t + [*TINY, "selection.oracle_split=shfited"],
          "selection.oracle_split = 'shfited'"),
         ("unknown augmentation", t + ['augment.transforms=["solarise"]'], "'solarise'"),
+        ("running joint that never moves", t + ["concept.joint_decay=1.0"], "concept.joint_decay = 1.0"),
+        ("running joint with logit_corr", t + ["concept.joint_decay=0.9", "concept.dependence=logit_corr"],
+         "applies to concept.dependence = 'mi' only"),
         ("split fractions over 1", t + ["data.split_fractions.train=0.9"], "sum to"),
         ("override without =", t + ["data.bias"], "expected key=value"),
         ("override bad literal", t + ["data.colors=[red"], "is not a TOML value"),
@@ -134,7 +137,8 @@ def _metrics_without_timing(path: Path) -> dict:
 
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     args = [sys.executable, "-m", "debias", "train", RECIPE, "--no-progress", "--set", *TINY, "train.epochs=3",
-            "train.method=concept", "concept.unlabeled_batch_size=8", "selection.track_concepts=true"]
+            "train.method=concept", "concept.unlabeled_batch_size=8", "selection.track_concepts=true",
+            "concept.joint_decay=0.9"]  # the running joint is method state a resumed run must restore
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
     t0 = time.perf_counter()

@@ -68,9 +68,13 @@ def soft_mutual_information(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8)
     The joint is ``P(y, c) = mean_i p_i(y) q_i(c)``; zero when the two are independent over the batch, and
     ``H(y)`` when one is a function of the other.
     """
-    joint = p.T @ q / p.shape[0]
-    marg = joint.sum(1, keepdim=True) @ joint.sum(0, keepdim=True)
-    return (joint * ((joint + eps).log() - (marg + eps).log())).sum()
+    return mutual_information_of_joint(p.T @ q / p.shape[0], eps)[0]
+
+
+def mutual_information_of_joint(joint: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual information of a joint distribution (K, C) and its pointwise mutual information matrix."""
+    pmi = (joint + eps).log() - (joint.sum(1, keepdim=True) @ joint.sum(0, keepdim=True) + eps).log()
+    return (joint * pmi).sum(), pmi
 
 
 def logit_correlation(logits: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -117,6 +121,8 @@ class ConceptPenalty(Method):
         self.graft_q: torch.Tensor | None = None
         self.graft_q_epoch = -1
         """The matching epoch ``graft_q`` was read with (``graft_read = 'match'``)."""
+        self.joint: torch.Tensor | None = None
+        """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
 
     def _cache_q(self) -> torch.Tensor:
         """Concept predictions that do not change during training (plain CLIP, or the true attribute)."""
@@ -167,11 +173,14 @@ class ConceptPenalty(Method):
         return torch.cat(chunks)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.graft_q is None:
-            return {}
-        return {"graft_q": self.graft_q.clone(), "graft_q_epoch": torch.tensor(self.graft_q_epoch)}
+        state = {} if self.joint is None else {"joint": self.joint.detach().cpu().clone()}
+        if self.graft_q is not None:
+            state.update(graft_q=self.graft_q.clone(), graft_q_epoch=torch.tensor(self.graft_q_epoch))
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "joint" in state:
+            self.joint = state["joint"].clone()
         if "graft_q" in state:
             self.graft_q = state["graft_q"].clone()
             self.graft_q_epoch = int(state["graft_q_epoch"])
@@ -199,6 +208,17 @@ class ConceptPenalty(Method):
         q_all = trainer.dist.gather_rows(q.float())
         if self.cfg.dependence == "logit_corr":
             penalty = logit_correlation(trainer.dist.gather_rows(logits[n:].float()), q_all)
+        elif self.cfg.joint_decay > 0:
+            p_all = trainer.dist.gather_rows(logits[n:].float().softmax(-1))
+            with torch.no_grad():
+                batch_joint = p_all.detach().T @ q_all / len(q_all)
+                d = self.cfg.joint_decay
+                self.joint = batch_joint if self.joint is None else d * self.joint.to(x.device) + (1 - d) * batch_joint
+                value, pmi = mutual_information_of_joint(self.joint)
+            # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its expected
+            # value and, scaled by 1 / (1 - d) to a per-batch step, its gradient with respect to the batch's logits
+            surrogate = (p_all * (q_all @ pmi.T)).sum(1).mean()
+            return {"loss": nll + self.cfg.weight * surrogate, "nll": nll, "penalty": value}
         else:
             penalty = soft_mutual_information(trainer.dist.gather_rows(logits[n:].float().softmax(-1)), q_all)
         return {"loss": nll + self.cfg.weight * penalty, "nll": nll, "penalty": penalty}
