@@ -73,7 +73,8 @@ def soft_mutual_information(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8)
 
 def mutual_information_of_joint(joint: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual information of a joint distribution (K, C) and its pointwise mutual information matrix."""
-    pmi = (joint + eps).log() - (joint.sum(1, keepdim=True) @ joint.sum(0, keepdim=True) + eps).log()
+    marg = joint.sum(1, keepdim=True) @ joint.sum(0, keepdim=True)
+    pmi = (joint + eps).log() - (marg + eps).log()
     return (joint * pmi).sum(), pmi
 
 
