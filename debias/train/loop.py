@@ -385,15 +385,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- end of run
     def finish(self, train_s: float) -> dict[str, Any]:
         r = self.recipe
-        splits = evaluate_splits(self.net, self.bundle.splits, self.device, dist=self.dist)
+        # a method that trains against the unlabeled stream is also scored on it: how well the penalty's own images
+        # were fitted, next to fresh images (the stream's labels are read here for this report only)
+        stream = {"stream": self.bundle.unlabeled} if self.method.needs_unlabeled else {}
+        splits = evaluate_splits(self.net, {**self.bundle.splits, **stream}, self.device, dist=self.dist)
         for name, m in splits.items():
             self.writer.add_scalar(f"final/{name}/accuracy", m["accuracy"], self.epoch)
             self.writer.add_scalar(f"final/{name}/worst_group_accuracy", m["worst_group_accuracy"], self.epoch)
-        stream = None
-        if self.method.needs_unlabeled:  # how well the penalty's own images were fitted, next to fresh images
-            stream = evaluate_splits(self.net, {"stream": self.bundle.unlabeled}, self.device, dist=self.dist)["stream"]
-            self.writer.add_scalar("final/stream/accuracy", stream["accuracy"], self.epoch)
-            self.writer.add_scalar("final/stream/worst_group_accuracy", stream["worst_group_accuracy"], self.epoch)
+        stream = splits.pop("stream", None)
         explanation = self.explain()
         selection = self.evaluate_selection()
         metrics = {
@@ -409,7 +408,6 @@ class Trainer:
             "recipe": r.to_dict(),
         }
         if stream is not None:
-            # the stream's labels are withheld from the method; they are read here for this report only
             metrics["stream"] = stream
         if self.dist.active:
             metrics["distributed"] = {"world_size": self.dist.world, "backend": torch.distributed.get_backend()}

@@ -209,8 +209,9 @@ class ConceptPenalty(Method):
         q_all = trainer.dist.gather_rows(q.float())
         if self.cfg.dependence == "logit_corr":
             penalty = logit_correlation(trainer.dist.gather_rows(logits[n:].float()), q_all)
-        elif self.cfg.joint_decay > 0:
-            p_all = trainer.dist.gather_rows(logits[n:].float().softmax(-1))
+            return {"loss": nll + self.cfg.weight * penalty, "nll": nll, "penalty": penalty}
+        p_all = trainer.dist.gather_rows(logits[n:].float().softmax(-1))
+        if self.cfg.joint_decay > 0:
             with torch.no_grad():
                 batch_joint = p_all.detach().T @ q_all / len(q_all)
                 d = self.cfg.joint_decay
@@ -220,8 +221,7 @@ class ConceptPenalty(Method):
             # value and, scaled by 1 / (1 - d) to a per-batch step, its gradient with respect to the batch's logits
             surrogate = (p_all * (q_all @ pmi.T)).sum(1).mean()
             return {"loss": nll + self.cfg.weight * surrogate, "nll": nll, "penalty": value}
-        else:
-            penalty = soft_mutual_information(trainer.dist.gather_rows(logits[n:].float().softmax(-1)), q_all)
+        penalty = soft_mutual_information(p_all, q_all)
         return {"loss": nll + self.cfg.weight * penalty, "nll": nll, "penalty": penalty}
 
 
