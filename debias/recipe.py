@@ -180,6 +180,12 @@ class ConceptPenaltyCfg:
     """With ``dependence = 'mi'``: 0 estimates the joint distribution of class and concept predictions on each
     stream batch alone; d > 0 keeps a running estimate ``d * previous + (1 - d) * batch`` (less sampling noise than
     one small batch; d = 0.9 spans about ten batches)."""
+    pseudo_label_weight: float = field(default=0.0, metadata=_range(0.0, None))
+    """Self-training on the stream: weight of the cross-entropy of each stream image's class logits against the
+    model's own detached prediction, for the images predicted with at least ``pseudo_label_threshold``
+    confidence, from ``pseudo_label_start`` (a fraction of the training steps) on. No labels are used. 0 = off."""
+    pseudo_label_threshold: float = field(default=0.95, metadata=_range(0.0, 1.0))
+    pseudo_label_start: float = field(default=0.5, metadata=_range(0.0, 1.0))
 
 
 @dataclass

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from debias.cli import main
 from debias.compare import compare_runs
@@ -193,6 +194,42 @@ def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_p
     assert penalty == pytest.approx(float(logit_correlation(logits, q)), rel=1e-4)
     assert penalty != pytest.approx(float(soft_mutual_information(logits.softmax(-1), q)), rel=1e-2)
     assert float(terms["loss"].detach()) == pytest.approx(float((terms["nll"] + terms["penalty"]).detach()), rel=1e-5)
+
+
+def test_self_training_on_the_stream_counts_its_confident_predictions_from_its_start(tmp_path):
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
+                                                                 "concept.pseudo_label_weight=2",
+                                                                 "concept.pseudo_label_start=0.5"])
+    t = Trainer(recipe, tmp_path, progress=False)
+    split = t.bundle.splits["train"]
+    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
+    stream_batch = t.next_unlabeled()
+    t.next_unlabeled = lambda: stream_batch  # every step below sees the same stream batch
+    with torch.no_grad():  # its logits as the step computes them (train mode: the same batch statistics)
+        logits = t.model(torch.cat([batch["images"], stream_batch[0]]))[16:]
+    confidence, own = logits.softmax(-1).max(1)
+
+    def terms_at(threshold: float) -> dict:
+        t.method.cfg.pseudo_label_threshold = threshold
+        return t.method.loss_terms(batch, t.step)
+
+    assert "pseudo_label" not in terms_at(0.0)  # before its start: the plain concept loss
+    t.step = t.steps_per_epoch * recipe.train.epochs // 2
+    terms = terms_at(0.0)  # every row counts
+    assert float(terms["pseudo_label_kept"]) == len(logits)
+    assert float(terms["pseudo_label"].detach()) == pytest.approx(float(F.cross_entropy(logits, own)), rel=1e-4)
+    total = terms["nll"] + 2 * terms["pseudo_label"] + terms["penalty"]
+    assert float(terms["loss"].detach()) == pytest.approx(float(total.detach()), rel=1e-5)
+    keep = confidence >= confidence.median()  # only the confident rows count
+    assert 0 < int(keep.sum()) < len(keep)
+    terms = terms_at(float(confidence.median()))
+    assert float(terms["pseudo_label_kept"]) == int(keep.sum())
+    assert float(terms["pseudo_label"].detach()) == pytest.approx(float(F.cross_entropy(logits[keep], own[keep])), rel=1e-4)
+    terms = terms_at(1.0)  # no prediction is certain: nothing counts and the term is 0
+    assert float(terms["pseudo_label_kept"]) == 0 and float(terms["pseudo_label"].detach()) == 0
 
 
 def test_stream_fit_reported_for_the_stream_method_only(tmp_path):

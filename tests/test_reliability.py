@@ -69,6 +69,8 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
          "selection.oracle_split = 'shfited'"),
         ("unknown augmentation", t + ['augment.transforms=["solarise"]'], "'solarise'"),
         ("running joint that never moves", t + ["concept.joint_decay=1.0"], "concept.joint_decay = 1.0"),
+        ("self-training threshold over 1", t + ["concept.pseudo_label_threshold=1.5"],
+         "concept.pseudo_label_threshold = 1.5"),
         ("running joint with logit_corr", t + ["concept.joint_decay=0.9", "concept.dependence=logit_corr"],
          "applies to concept.dependence = 'mi' only"),
         ("split fractions over 1", t + ["data.split_fractions.train=0.9"], "sum to"),

@@ -104,7 +104,7 @@ class Trainer:
         n_train = len(self.bundle.splits["train"])
         # a trailing batch too small to give every process an image is dropped (never with one process)
         self.steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size >= self.dist.world))
-        total = self.steps_per_epoch * t.epochs
+        self.total_steps = total = self.steps_per_epoch * t.epochs
         warmup = int(round(t.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine_with_warmup(total, warmup))
         self.graft = None

@@ -78,6 +78,15 @@ def mutual_information_of_joint(joint: torch.Tensor, eps: float = 1e-8) -> tuple
     return (joint * pmi).sum(), pmi
 
 
+def confident_self_training(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``logits`` (N, K) against their own detached argmax, averaged over the rows predicted with
+    probability >= ``threshold`` (0 when none is); also returns how many rows counted."""
+    confidence, pseudo = logits.detach().float().softmax(-1).max(1)
+    keep = (confidence >= threshold).float()
+    ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
+    return (ce * keep).sum() / keep.sum().clamp_min(1.0), keep.sum()
+
+
 def logit_correlation(logits: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Mean squared Pearson correlation over a batch between the CNN's class logits (N, K), centred over the
     classes, and the concept's soft prediction ``q`` (N, C); 0 when uncorrelated, 1 when linearly dependent.
@@ -186,6 +195,14 @@ class ConceptPenalty(Method):
             self.graft_q = state["graft_q"].clone()
             self.graft_q_epoch = int(state["graft_q_epoch"])
 
+    def _with_self_training(self, nll: torch.Tensor, stream_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The task loss with the stream self-training term added once it has started, and its logged parts."""
+        trainer, cfg = self.trainer, self.cfg
+        if cfg.pseudo_label_weight == 0 or trainer.step < cfg.pseudo_label_start * trainer.total_steps:
+            return nll, {}
+        pseudo, kept = confident_self_training(stream_logits, cfg.pseudo_label_threshold)
+        return nll + cfg.pseudo_label_weight * pseudo, {"pseudo_label": pseudo, "pseudo_label_kept": kept}
+
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         model, trainer = self.trainer.model, self.trainer
         images_u, index_u = trainer.next_unlabeled()
@@ -209,8 +226,10 @@ class ConceptPenalty(Method):
         q_all = trainer.dist.gather_rows(q.float())
         if self.cfg.dependence == "logit_corr":
             penalty = logit_correlation(trainer.dist.gather_rows(logits[n:].float()), q_all)
-            return {"loss": nll + self.cfg.weight * penalty, "nll": nll, "penalty": penalty}
+            task, extra = self._with_self_training(nll, logits[n:])
+            return {"loss": task + self.cfg.weight * penalty, "nll": nll, "penalty": penalty, **extra}
         p_all = trainer.dist.gather_rows(logits[n:].float().softmax(-1))
+        task, extra = self._with_self_training(nll, logits[n:])
         if self.cfg.joint_decay > 0:
             with torch.no_grad():
                 batch_joint = p_all.detach().T @ q_all / len(q_all)
@@ -220,9 +239,9 @@ class ConceptPenalty(Method):
             # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its expected
             # value and, scaled by 1 / (1 - d) to a per-batch step, its gradient with respect to the batch's logits
             surrogate = (p_all * (q_all @ pmi.T)).sum(1).mean()
-            return {"loss": nll + self.cfg.weight * surrogate, "nll": nll, "penalty": value}
+            return {"loss": task + self.cfg.weight * surrogate, "nll": nll, "penalty": value, **extra}
         penalty = soft_mutual_information(p_all, q_all)
-        return {"loss": nll + self.cfg.weight * penalty, "nll": nll, "penalty": penalty}
+        return {"loss": task + self.cfg.weight * penalty, "nll": nll, "penalty": penalty, **extra}
 
 
 @register("groupdro")
