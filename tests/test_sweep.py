@@ -16,6 +16,15 @@ def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
     assert sorted(r["seed"] for r in rows) == [0, 1]
     assert all((out / f"erm_bias1.0_seed{s}" / "done").exists() for s in (0, 1))
     assert "dominant concept" in (out / "logs" / "erm_bias1.0_seed0.log").read_text()  # the run's output, logged
+    assert all((out / f"erm_bias1.0_seed{s}" / "checkpoint.pt").exists() for s in (0, 1))  # kept by default
+    dropped = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--jobs", "2",
+                              "--out", str(tmp_path / "dropped"), "--drop-training-state", "--set", *TINY],
+                             capture_output=True, text=True)
+    assert dropped.returncode == 0, dropped.stderr
+    run = tmp_path / "dropped" / "erm_bias1.0_seed0"
+    assert not (run / "checkpoint.pt").exists()
+    assert (run / "model.safetensors").exists() and (run / "metrics.json").exists()
+    assert (tmp_path / "dropped" / "compare" / "compare.json").exists()
     bad = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--jobs", "2",
                           "--out", str(tmp_path / "bad"), "--set", *TINY, "bogus=1"], capture_output=True, text=True)
     assert bad.returncode == 1 and "erm_bias1.0_seed0" in bad.stderr and "no compare written" in bad.stderr
