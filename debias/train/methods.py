@@ -224,24 +224,24 @@ class ConceptPenalty(Method):
         nll = F.cross_entropy(logits[:n], batch["labels"])
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
         q_all = trainer.dist.gather_rows(q.float())
-        if self.cfg.dependence == "logit_corr":
-            penalty = logit_correlation(trainer.dist.gather_rows(logits[n:].float()), q_all)
-            task, extra = self._with_self_training(nll, logits[n:])
-            return {"loss": task + self.cfg.weight * penalty, "nll": nll, "penalty": penalty, **extra}
-        p_all = trainer.dist.gather_rows(logits[n:].float().softmax(-1))
         task, extra = self._with_self_training(nll, logits[n:])
-        if self.cfg.joint_decay > 0:
-            with torch.no_grad():
-                batch_joint = p_all.detach().T @ q_all / len(q_all)
-                d = self.cfg.joint_decay
-                self.joint = batch_joint if self.joint is None else d * self.joint.to(x.device) + (1 - d) * batch_joint
-                value, pmi = mutual_information_of_joint(self.joint)
-            # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its expected
-            # value and, scaled by 1 / (1 - d) to a per-batch step, its gradient with respect to the batch's logits
-            surrogate = (p_all * (q_all @ pmi.T)).sum(1).mean()
-            return {"loss": task + self.cfg.weight * surrogate, "nll": nll, "penalty": value, **extra}
-        penalty = soft_mutual_information(p_all, q_all)
-        return {"loss": task + self.cfg.weight * penalty, "nll": nll, "penalty": penalty, **extra}
+        if self.cfg.dependence == "logit_corr":
+            penalty = objective = logit_correlation(trainer.dist.gather_rows(logits[n:].float()), q_all)
+        else:
+            p_all = trainer.dist.gather_rows(logits[n:].float().softmax(-1))
+            if self.cfg.joint_decay > 0:
+                with torch.no_grad():
+                    batch_joint = p_all.detach().T @ q_all / len(q_all)
+                    d = self.cfg.joint_decay
+                    self.joint = (batch_joint if self.joint is None
+                                  else d * self.joint.to(x.device) + (1 - d) * batch_joint)
+                    penalty, pmi = mutual_information_of_joint(self.joint)
+                # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its
+                # expected value and, scaled by 1 / (1 - d) to a per-batch step, its gradient w.r.t. the batch's logits
+                objective = (p_all * (q_all @ pmi.T)).sum(1).mean()
+            else:
+                penalty = objective = soft_mutual_information(p_all, q_all)
+        return {"loss": task + self.cfg.weight * objective, "nll": nll, "penalty": penalty, **extra}
 
 
 @register("groupdro")
