@@ -31,12 +31,16 @@ import torch
 import torch.distributed
 
 from debias.cli import main
+from debias.io import load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2", "matching.num_images=64",
         "explain.control_draws=1", "train.batch_size=32", "concept.unlabeled_batch_size=8"]
 CASES = {  # overrides, tolerance, whether the random-matching controls (one draw) are compared too
     "layernorm_concept": (["model.name=test_convnext", "train.method=concept", "train.epochs=2"], 0.05, True),
+    # the adversary's parameters sit outside DDP: the trainer averages their gradients over the processes
+    "layernorm_concept_adversary": (["model.name=test_convnext", "train.method=concept", "train.epochs=2",
+                                     "concept.weight=0", "concept.adversary_weight=1"], 0.05, True),
     "batchnorm_erm": (["model.name=test_resnet", "train.method=erm", "train.epochs=1", "train.lr=0.01"], 0.25, False),
 }
 
@@ -88,6 +92,11 @@ def test_two_processes_match_one_process(tmp_path, case):
     assert set(one["selection"]) == set(two["selection"])
     for split in one["splits"]:
         assert one["splits"][split]["n"] == two["splits"][split]["n"]  # gathered predictions cover the split
+    if "concept.adversary_weight=1" in overrides:  # the adversary (outside DDP) got the global batch's gradient
+        a1, a2 = (load_state(d / "checkpoint.pt")["method"]["adversary"] for d in (one_dir, two_dir))
+        diff = max(float((a1[k] - a2[k]).abs().max()) for k in a1)
+        print(f"  adversary weights, largest difference: {diff:.2e}")
+        assert diff < 1e-3
     f1, f2 = _figures(one), _figures(two)
     keys = [k for k in f1 if controls or not k.startswith("control/")]
     # a worst group holds ~18 images here, so one flipped boundary image moves it by 0.056: allow twice the tolerance

@@ -196,6 +196,51 @@ def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_p
     assert float(terms["loss"].detach()) == pytest.approx(float((terms["nll"] + terms["penalty"]).detach()), rel=1e-5)
 
 
+def test_adversary_learns_the_concept_and_its_gradient_reaches_the_features_reversed(tmp_path):
+    """``concept.adversary_weight``: a small network learns the concept prediction from the CNN's pooled last-stage
+    features on the stream; the CNN receives that loss's gradient times -weight (gradient reversal), the adversary
+    its plain gradient; the loss adds it to the weighted MI. Its parameters are optimised with the model's and saved
+    with the method."""
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
+                                                                 "concept.adversary_weight=2", "concept.weight=0.5"])
+    t = Trainer(recipe, tmp_path, progress=False)
+    adversary = t.method.adversary
+    assert [p for g in t.optimizer.param_groups[1:] for p in g["params"]] == list(adversary.parameters())
+    split = t.bundle.splits["train"]
+    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
+    stream_batch = t.next_unlabeled()
+    t.next_unlabeled = lambda: stream_batch
+    images_u, index_u = stream_batch
+    q = t.method._cache_q()[index_u]
+    terms = t.method.loss_terms(batch, 0)
+    _, taps = t.model(torch.cat([batch["images"], images_u]), taps=True)  # same batch statistics as the step
+    features = taps[t.net.tap_names[-1]][16:].mean((2, 3))
+    plain = -(q * adversary(features).log_softmax(-1)).sum(1).mean()  # the adversary's loss, nothing reversed
+    assert float(terms["adversary"].detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
+    total = terms["nll"] + 0.5 * terms["penalty"] + terms["adversary"]
+    assert float(terms["loss"].detach()) == pytest.approx(float(total.detach()), rel=1e-5)
+    cnn, own = list(t.net.parameters()), list(adversary.parameters())
+    on_adversary = torch.autograd.grad(terms["adversary"], cnn + own, retain_graph=True, allow_unused=True)
+    expected = torch.autograd.grad(plain, cnn + own, allow_unused=True)
+    reached = [i for i, g in enumerate(expected[:len(cnn)]) if g is not None and g.abs().max() > 0]
+    assert len(reached) > len(cnn) // 2  # the features do receive a gradient from the adversary's loss
+    for i in reached:  # reversed, times the weight
+        assert torch.allclose(on_adversary[i], -2 * expected[i], rtol=1e-4, atol=1e-7)
+    for got, want in zip(on_adversary[len(cnn):], expected[len(cnn):]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)  # the adversary itself learns the concept
+    before = [p.detach().clone() for p in adversary.parameters()]
+    t.train_step(batch)
+    assert all(not torch.equal(b, p) for b, p in zip(before, adversary.parameters()))
+    saved = t.method.state_dict()["adversary"]
+    fresh = Trainer(recipe, tmp_path / "fresh", progress=False)
+    assert not all(torch.equal(p.cpu(), saved[k]) for k, p in fresh.method.adversary.state_dict().items())
+    fresh.method.load_state_dict(t.method.state_dict())
+    assert all(torch.equal(p.cpu(), saved[k]) for k, p in fresh.method.adversary.state_dict().items())
+
+
 def test_self_training_on_the_stream_counts_its_confident_predictions_from_its_start(tmp_path):
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer

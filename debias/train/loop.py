@@ -100,7 +100,10 @@ class Trainer:
             self.concept_split()  # a bad selection.concept_split fails before training
         self.oracle_split()  # likewise selection.oracle_split
         t = recipe.train
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        groups = [{"params": list(self.net.parameters())}]
+        if self.method.parameters():  # the method's own (an adversary): a second group, same rate and schedule
+            groups.append({"params": self.method.parameters()})
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         n_train = len(self.bundle.splits["train"])
         # a trailing batch too small to give every process an image is dropped (never with one process)
         self.steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size >= self.dist.world))
@@ -377,6 +380,11 @@ class Trainer:
                               "batches")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.dist.active:  # the method's own parameters sit outside DDP: average their gradients as DDP does
+            grads = [p.grad for p in self.method.parameters() if p.grad is not None]
+            self.dist.all_reduce_(grads)
+            for g in grads:
+                g /= self.dist.world
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

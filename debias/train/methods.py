@@ -56,6 +56,11 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters of the method's own (an adversary): the trainer optimises them with the model's,
+        as a second group with the same learning rate and schedule, and averages their gradients over processes."""
+        return []
+
 
 @register("erm")
 class ERM(Method):
@@ -103,6 +108,23 @@ def logit_correlation(logits: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) 
     return corr.pow(2).mean()
 
 
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``-scale`` backward (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _ReverseGradient.apply(x, scale)
+
+
 @register("concept")
 class ConceptPenalty(Method):
     """Task loss + weight * soft MI between the CNN's class prediction and the spurious concept's caption
@@ -133,6 +155,12 @@ class ConceptPenalty(Method):
         """The matching epoch ``graft_q`` was read with (``graft_read = 'match'``)."""
         self.joint: torch.Tensor | None = None
         """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
+        self.adversary: torch.nn.Module | None = None
+        if cfg.adversary_weight > 0:
+            width = trainer.net.tap_channels[trainer.net.tap_names[-1]]
+            self.adversary = torch.nn.Sequential(
+                torch.nn.Linear(width, cfg.adversary_hidden), torch.nn.ReLU(),
+                torch.nn.Linear(cfg.adversary_hidden, len(self.concept.captions))).to(trainer.device)
 
     def _cache_q(self) -> torch.Tensor:
         """Concept predictions that do not change during training (plain CLIP, or the true attribute)."""
@@ -182,8 +210,13 @@ class ConceptPenalty(Method):
         net.train(training)
         return torch.cat(chunks)
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [] if self.adversary is None else list(self.adversary.parameters())
+
     def state_dict(self) -> dict[str, Any]:
         state = {} if self.joint is None else {"joint": self.joint.detach().cpu().clone()}
+        if self.adversary is not None:
+            state["adversary"] = {k: v.detach().cpu().clone() for k, v in self.adversary.state_dict().items()}
         if self.graft_q is not None:
             state.update(graft_q=self.graft_q.clone(), graft_q_epoch=torch.tensor(self.graft_q_epoch))
         return state
@@ -191,6 +224,8 @@ class ConceptPenalty(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "joint" in state:
             self.joint = state["joint"].clone()
+        if "adversary" in state and self.adversary is not None:
+            self.adversary.load_state_dict(state["adversary"])
         if "graft_q" in state:
             self.graft_q = state["graft_q"].clone()
             self.graft_q_epoch = int(state["graft_q_epoch"])
@@ -208,10 +243,11 @@ class ConceptPenalty(Method):
         images_u, index_u = trainer.next_unlabeled()
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
+        taps = None
         if self.cfg.source == "graft" and self.cfg.graft_read == "match":
             if self.graft_q is None:  # a checkpoint written before the stream was read (an older version)
                 self.graft_q, self.graft_q_epoch = self._read_stream_through_graft(), trainer.matching_epoch
-            logits = model(x)
+            logits, taps = model(x, taps=True) if self.adversary is not None else (model(x), None)
             q = self.graft_q[index_u].to(x.device)
         elif self.cfg.source == "graft":
             logits, taps = model(x, taps=True)  # one forward (DDP's, when distributed); the graft reuses its taps
@@ -219,7 +255,7 @@ class ConceptPenalty(Method):
                 emb = trainer.graft(images_u, {k: v[n:].detach() for k, v in taps.items()})
                 q = self._softmax(emb, trainer.clip.encode_text(self.concept.captions))
         else:
-            logits = model(x)
+            logits, taps = model(x, taps=True) if self.adversary is not None else (model(x), None)
             q = self._cache_q()[index_u].to(x.device)
         nll = F.cross_entropy(logits[:n], batch["labels"])
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
@@ -241,7 +277,13 @@ class ConceptPenalty(Method):
                 objective = (p_all * (q_all @ pmi.T)).sum(1).mean()
             else:
                 penalty = objective = soft_mutual_information(p_all, q_all)
-        return {"loss": task + self.cfg.weight * objective, "nll": nll, "penalty": penalty, **extra}
+        loss = task + self.cfg.weight * objective
+        if self.adversary is not None:  # its own loss on this process's stream rows; the trainer averages its grads
+            features = taps[trainer.net.tap_names[-1]][n:].float().mean((2, 3))  # pooled last stage
+            guess = self.adversary(reverse_gradient(features, self.cfg.adversary_weight))
+            adversary = -(q.float() * guess.log_softmax(-1)).sum(1).mean()
+            loss, extra = loss + adversary, {**extra, "adversary": adversary}
+        return {"loss": loss, "nll": nll, "penalty": penalty, **extra}
 
 
 @register("groupdro")
