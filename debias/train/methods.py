@@ -243,19 +243,19 @@ class ConceptPenalty(Method):
         images_u, index_u = trainer.next_unlabeled()
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
-        taps = None
-        if self.cfg.source == "graft" and self.cfg.graft_read == "match":
-            if self.graft_q is None:  # a checkpoint written before the stream was read (an older version)
-                self.graft_q, self.graft_q_epoch = self._read_stream_through_graft(), trainer.matching_epoch
-            logits, taps = model(x, taps=True) if self.adversary is not None else (model(x), None)
-            q = self.graft_q[index_u].to(x.device)
-        elif self.cfg.source == "graft":
-            logits, taps = model(x, taps=True)  # one forward (DDP's, when distributed); the graft reuses its taps
+        graft_step = self.cfg.source == "graft" and self.cfg.graft_read == "step"
+        if self.cfg.source == "graft" and not graft_step and self.graft_q is None:
+            # a checkpoint written before the stream was read (an older version)
+            self.graft_q, self.graft_q_epoch = self._read_stream_through_graft(), trainer.matching_epoch
+        # one forward (DDP's, when distributed); its taps feed the per-step graft read and the adversary
+        logits, taps = model(x, taps=True) if graft_step or self.adversary is not None else (model(x), None)
+        if graft_step:
             with torch.no_grad():
                 emb = trainer.graft(images_u, {k: v[n:].detach() for k, v in taps.items()})
                 q = self._softmax(emb, trainer.clip.encode_text(self.concept.captions))
+        elif self.cfg.source == "graft":
+            q = self.graft_q[index_u].to(x.device)
         else:
-            logits, taps = model(x, taps=True) if self.adversary is not None else (model(x), None)
             q = self._cache_q()[index_u].to(x.device)
         nll = F.cross_entropy(logits[:n], batch["labels"])
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
