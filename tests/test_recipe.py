@@ -14,6 +14,14 @@ def test_default_recipe_loads_with_contract_keys():
     assert (r.model.name, r.train.method, r.train.epochs) == ("resnet10t", "erm", 2)
 
 
+def test_concept_recipe_is_the_default_with_the_measured_settings():
+    """recipes/colored_digits_concept.toml must stay the setting its figures were measured with: the default recipe
+    run by tools/sweep.py with these overrides (docs/RESULTS.md, the three-term row)."""
+    swept = load_recipe(DEFAULT, ["train.method=concept", "concept.source=graft", "data.bias=1.0", "concept.weight=1",
+                                  "concept.adversary_weight=1", "concept.pseudo_label_weight=3", "train.epochs=16"])
+    assert load_recipe("recipes/colored_digits_concept.toml") == swept
+
+
 def test_override_values_are_toml_literals():
     assert parse_override("data.bias=0.5") == (["data", "bias"], 0.5)
     assert parse_override('data.colors=["a", "b"]') == (["data", "colors"], ["a", "b"])
