@@ -24,12 +24,40 @@ def variant(metrics: dict[str, Any]) -> str:
 
 
 def setting(metrics: dict[str, Any]) -> str:
+    """The settings a sweep varies: the bias, and the penalty weight for ``concept``."""
     recipe = metrics.get("recipe", {})
     data = recipe.get("data", {})
     parts = [f"bias={data.get('bias')}"]
     if metrics.get("method") == "concept":
         parts.append(f"weight={recipe.get('concept', {}).get('weight')}")
     return ",".join(parts)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+_IN_SETTING = {"seed", "data.bias", "concept.weight"}  # the seed is averaged over; the other two are in setting()
+
+
+def settings(metrics: list[dict[str, Any]]) -> list[str]:
+    """Each run's :func:`setting`, plus every other recipe value that differs between runs of the same method
+    variant (``train.epochs=16``, ...), so that runs trained differently are never averaged as one."""
+    flats = [_flatten(m.get("recipe", {})) for m in metrics]
+    variants = [variant(m) for m in metrics]
+    varying: dict[str, list[str]] = {}
+    for var in set(variants):
+        members = [f for f, v in zip(flats, variants) if v == var]
+        keys = set().union(*members) - _IN_SETTING
+        varying[var] = sorted(k for k in keys if len({repr(f.get(k)) for f in members}) > 1)
+    return [",".join([setting(m)] + [f"{k}={f.get(k)}" for k in varying[v]])
+            for m, f, v in zip(metrics, flats, variants)]
 
 
 def _load_run(run: Path) -> dict[str, Any]:
@@ -61,9 +89,9 @@ def _oracle(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
     rows = []
-    for run in runs:
-        m = _load_run(run)
-        rows.append({"run": str(run), "method": m["method"], "variant": variant(m), "setting": setting(m),
+    loaded = [_load_run(run) for run in runs]
+    for run, m, sett in zip(runs, loaded, settings(loaded)):
+        rows.append({"run": str(run), "method": m["method"], "variant": variant(m), "setting": sett,
                      "seed": m["seed"], "splits": m["splits"], "dominant_concept": m["explain"]["dominant_concept"],
                      "scores": m["explain"].get("scores", {}), "control": m["explain"].get("control", {}),
                      "representation": m["explain"].get("representation", {}),
@@ -171,6 +199,11 @@ def render_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _short(part: str) -> str:
+    key, _, value = part.partition("=")
+    return f"{key.rsplit('.', 1)[-1]}={value}"
+
+
 def plot_compare(result: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -183,9 +216,11 @@ def plot_compare(result: dict[str, Any], out: Path) -> None:
     if not groups:
         return
     splits = [s for s in SPLIT_ORDER if any(s in g["splits"] for g in groups) and s != "val"]
-    labels = [f"{g['method']}\n{g['setting']}" for g in groups]
+    # one setting per line, without its recipe section (concept.adversary_weight=1.0 -> adversary_weight=1.0)
+    labels = [f"{g['method']}\n" + "\n".join(_short(part) for part in g["setting"].split(",")) for g in groups]
+    per_group = max(1.2, 0.095 * max(len(line) for label in labels for line in label.splitlines()))
     width = 0.8 / max(1, len(splits))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6, per_group * len(groups)), 3.8))
     for i, s in enumerate(splits):
         xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(groups))]
         means = [g["splits"].get(s, {}).get("accuracy", {}).get("mean", np.nan) for g in groups]
@@ -198,7 +233,7 @@ def plot_compare(result: dict[str, Any], out: Path) -> None:
     _save(fig, out / "accuracy_by_split.png")
 
     concepts = sorted({c for g in groups for c in g["scores"]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.4))
+    fig, ax = plt.subplots(figsize=(max(6, per_group * len(groups)), 3.4))
     width = 0.8 / max(1, len(concepts))
     for i, c in enumerate(concepts):
         xs = [j + (i - (len(concepts) - 1) / 2) * width for j in range(len(groups))]

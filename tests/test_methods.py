@@ -140,9 +140,25 @@ def test_compare_json_matches_runs(tmp_path):
         assert row["oracle"] == {"split": "shifted", "epoch": 1,
                                  "accuracy": metrics["splits"]["shifted"]["accuracy"]}
     (group,) = saved["groups"]
+    assert group["setting"] == "bias=1.0" and group["seeds"] == [0, 1]
     accs = [json.loads((r / "metrics.json").read_text())["splits"]["shifted"]["accuracy"] for r in runs]
     assert group["splits"]["shifted"]["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
     assert (tmp_path / "cmp" / "report.md").exists() and (tmp_path / "cmp" / "accuracy_by_split.png").exists()
+
+
+def test_compare_never_averages_runs_trained_differently(tmp_path):
+    """Runs of one method that differ in a recipe value other than the seed are separate groups, the value named."""
+    runs = []
+    for seed, lr in ((0, "0.001"), (1, "0.001"), (0, "0.01")):
+        out = tmp_path / f"erm{seed}_lr{lr}"
+        assert main(["train", "recipes/colored_digits.toml", "--method", "erm", "--out", str(out), "--no-progress",
+                     "--set", *TINY, f"seed={seed}", "train.epochs=1", f"train.lr={lr}"]) == 0
+        runs.append(out)
+    result = compare_runs(runs, tmp_path / "cmp")
+    groups = {g["setting"]: g["seeds"] for g in result["groups"]}
+    assert groups == {"bias=1.0,train.lr=0.001": [0, 1], "bias=1.0,train.lr=0.01": [0]}
+    assert [r["setting"] for r in result["rows"]] == ["bias=1.0,train.lr=0.001"] * 2 + ["bias=1.0,train.lr=0.01"]
+    assert "| erm | bias=1.0,train.lr=0.01 | 1 |" in (tmp_path / "cmp" / "report.md").read_text()
 
 
 def test_graft_read_once_per_matching_and_per_step(tmp_path):
