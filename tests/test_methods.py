@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from debias.cli import main
 from debias.compare import compare_runs
-from debias.train.methods import METHODS, logit_correlation, mutual_information_of_joint, soft_mutual_information
+from debias.train.methods import (METHODS, logit_correlation, mutual_information_of_joint, permute_channels,
+                                  random_grayscale, soft_mutual_information)
 
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
         "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t",
@@ -109,6 +110,28 @@ def test_each_method_end_to_end(tmp_path, method):
     assert len(m["history"]) == 2 and "dominance_margin" in m["history"][0]
     assert m["history"][0]["oracle_split"] == "shifted" and 0 <= m["history"][0]["oracle_accuracy"] <= 1
     assert (out / "done").exists() and (out / "model.safetensors").exists()
+
+
+def test_augment_transforms_draw_once_per_image_and_match_torchvision():
+    """The batched channel permutation and grayscale: each image its own draw, the same result as torchvision's
+    per-image transforms for that draw."""
+    import torchvision.transforms.v2.functional as TF
+
+    torch.manual_seed(0)
+    images = torch.rand(256, 3, 8, 8)
+    permuted = permute_channels(images)
+    orders = set()
+    for x, y in zip(images, permuted):  # every output channel is one input channel, each used once
+        order = [int((x - c).abs().flatten(1).sum(1).argmin()) for c in y]
+        assert sorted(order) == [0, 1, 2] and torch.equal(y, TF.permute_channels(x, order))
+        orders.add(tuple(order))
+    assert len(orders) == 6  # all six orders occur in 256 draws (a shared draw would give one)
+    gray = random_grayscale(images, p=0.5)
+    is_gray = (gray[:, 0] == gray[:, 1]).flatten(1).all(1) & (gray[:, 1] == gray[:, 2]).flatten(1).all(1)
+    assert 80 < int(is_gray.sum()) < 176  # Binomial(256, 0.5): outside this range with probability < 1e-4
+    assert torch.allclose(gray[is_gray], TF.rgb_to_grayscale(images[is_gray], num_output_channels=3))
+    assert torch.equal(gray[~is_gray], images[~is_gray])
+    assert torch.equal(random_grayscale(images, p=0.0), images) and random_grayscale(images, p=1.0).std(1).max() == 0
 
 
 def test_concept_without_unlabeled_stream_fails_cleanly(tmp_path, capsys):
