@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 
 from . import io
 from .errors import DebiasError
+from .recipe import flatten_recipe
 
 SPLIT_ORDER = ("test", "shifted", "swapped", "grayscale", "val")
 
@@ -33,23 +35,13 @@ def setting(metrics: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 _IN_SETTING = {"seed", "data.bias", "concept.weight"}  # the seed is averaged over; the other two are in setting()
 
 
 def settings(metrics: list[dict[str, Any]]) -> list[str]:
     """Each run's :func:`setting`, plus every other recipe value that differs between runs of the same method
     variant (``train.epochs=16``, ...), so that runs trained differently are never averaged as one."""
-    flats = [_flatten(m.get("recipe", {})) for m in metrics]
+    flats = [flatten_recipe(m.get("recipe", {})) for m in metrics]
     variants = [variant(m) for m in metrics]
     varying: dict[str, list[str]] = {}
     for var in set(variants):
@@ -199,6 +191,10 @@ def render_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_SETTING_PARTS = re.compile(r",(?=[A-Za-z_][\w.]*=)")
+"""The commas between a setting's ``key=value`` parts (not those inside a list or table value)."""
+
+
 def _short(part: str) -> str:
     key, _, value = part.partition("=")
     return f"{key.rsplit('.', 1)[-1]}={value}"
@@ -217,7 +213,7 @@ def plot_compare(result: dict[str, Any], out: Path) -> None:
         return
     splits = [s for s in SPLIT_ORDER if any(s in g["splits"] for g in groups) and s != "val"]
     # one setting per line, without its recipe section (concept.adversary_weight=1.0 -> adversary_weight=1.0)
-    labels = [f"{g['method']}\n" + "\n".join(_short(part) for part in g["setting"].split(",")) for g in groups]
+    labels = [f"{g['method']}\n" + "\n".join(map(_short, _SETTING_PARTS.split(g["setting"]))) for g in groups]
     per_group = max(1.2, 0.095 * max(len(line) for label in labels for line in label.splitlines()))
     width = 0.8 / max(1, len(splits))
     fig, ax = plt.subplots(figsize=(max(6, per_group * len(groups)), 3.8))

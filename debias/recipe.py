@@ -405,6 +405,18 @@ def _validate_cross(recipe: Recipe) -> None:
         raise RecipeError("graft.stages = []: expected at least one CLIP stage")
 
 
+def flatten_recipe(tree: dict[str, Any]) -> dict[str, Any]:
+    """A recipe as a dict (``Recipe.to_dict()``, or metrics.json's ``recipe``) keyed by dotted names:
+    ``{"seed": 0, "train.epochs": 16, "data.split_fractions": {...}, ...}``; a field holding a table stays one value."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # a section
+            flat.update({f"{key}.{field_name}": v for field_name, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     recipe = _build(Recipe, raw, "")
     _validate_cross(recipe)

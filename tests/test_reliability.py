@@ -44,6 +44,9 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
     corrupt = tmp / "corrupt_run"
     corrupt.mkdir(exist_ok=True)
     (corrupt / "metrics.json").write_text("{not json")
+    unfinished = tmp / "unfinished_run"  # a run stopped after its last checkpoint, before its end
+    shutil.copytree(run, unfinished, dirs_exist_ok=True)
+    (unfinished / "done").unlink(missing_ok=True)
     out = str(tmp / "out")
     t = ["train", RECIPE, "--out", out, "--no-progress", "--set"]
     return [
@@ -93,6 +96,10 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
                                               "model.name=resnet18"], "'resnet10t' model"),
         ("explain: other classes", ["explain", RECIPE, "--checkpoint", str(run), "--out", out, "--set",
                                    *TINY, "data.classes=[3, 6]"], "classes [5,8]"),
+        ("resume with another recipe", ["train", RECIPE, "--out", str(unfinished), "--no-progress", "--set", *TINY,
+                                        "train.epochs=1", "train.lr=0.01", "data.split_fractions.unlabeled=0.2",
+                                        "data.split_fractions.train=0.3"],
+         "differs in data.split_fractions, train.lr"),
         ("compare: not a run", ["compare", str(no_metrics), "--out", out], "metrics.json"),
         ("compare: corrupt metrics", ["compare", str(corrupt), "--out", out], "not valid JSON"),
     ]

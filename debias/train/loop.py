@@ -38,7 +38,7 @@ from ..evaluate import evaluate_splits
 from ..explain import compute_matching, explain_model, probe_split
 from ..models.clip import load_clip
 from ..models.standalone import StandaloneModel
-from ..recipe import Recipe, recipe_to_toml
+from ..recipe import Recipe, flatten_recipe, recipe_to_toml
 from .methods import build_method
 
 
@@ -351,7 +351,7 @@ class Trainer:
             return
         from ..recipe import load_recipe
 
-        saved, now = _flatten(load_recipe(saved_path).to_dict()), _flatten(self.recipe.to_dict())
+        saved, now = flatten_recipe(load_recipe(saved_path).to_dict()), flatten_recipe(self.recipe.to_dict())
         diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         if diff:
             raise DebiasError(f"--out {str(self.out)!r} holds an unfinished run of a different recipe (differs in "
@@ -528,16 +528,6 @@ class Trainer:
 
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not k.endswith(("fractions", "columns", "captions")):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class _RankShares(Sampler[list[int]]):
