@@ -378,8 +378,7 @@ def random_grayscale(images: torch.Tensor, p: float) -> torch.Tensor:
     per image, batched); the gray images keep three channels."""
     pick = torch.rand(len(images), device=images.device) < p
     images = images.clone()
-    if pick.any():
-        images[pick] = _v2().functional.rgb_to_grayscale(images[pick], num_output_channels=3)
+    images[pick] = _v2().functional.rgb_to_grayscale(images[pick], num_output_channels=3)  # none picked: a no-op
     return images
 
 
