@@ -209,7 +209,8 @@ class JTTCfg:
 @dataclass
 class AugmentCfg:
     transforms: list[str] = field(default_factory=lambda: ["channel_permutation", "grayscale"])
-    """torchvision v2 colour transforms applied per training image: channel_permutation, grayscale, color_jitter."""
+    """Colour transforms, one draw per training image: channel_permutation and grayscale (torchvision's, batched on
+    the batch's device), color_jitter (torchvision v2, image by image)."""
     grayscale_p: float = field(default=0.2, metadata=_range(0.0, 1.0))
 
 
