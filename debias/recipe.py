@@ -178,9 +178,9 @@ class ConceptPenaltyCfg:
     prediction (does not fade when the class prediction saturates)."""
     adversary_weight: float = field(default=0.0, metadata=_range(0.0, None))
     """An adversary on the features, added to the dependence penalty: a small network trained alongside learns to
-    predict the concept from the CNN's pooled last-stage features on the stream, and the CNN receives that loss's
-    gradient reversed and times this weight (it is pushed to carry no concept information there). 0 = off; with
-    ``weight = 0`` the adversary alone."""
+    predict the concept from the features the CNN's classifier reads (timm's pre-logits: the pooled last stage for
+    a resnet) on the stream, and the CNN receives that loss's gradient reversed and times this weight (it is pushed
+    to carry no concept information there). 0 = off; with ``weight = 0`` the adversary alone."""
     adversary_hidden: int = field(default=64, metadata=_range(1, None))
     """Width of the adversary's hidden layer."""
     joint_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))

@@ -235,16 +235,18 @@ def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_p
     assert float(terms["loss"].detach()) == pytest.approx(float((terms["nll"] + terms["penalty"]).detach()), rel=1e-5)
 
 
-def test_adversary_learns_the_concept_and_its_gradient_reaches_the_features_reversed(tmp_path):
-    """``concept.adversary_weight``: a small network learns the concept prediction from the CNN's pooled last-stage
-    features on the stream; the CNN receives that loss's gradient times -weight (gradient reversal), the adversary
-    its plain gradient; the loss adds it to the weighted MI. Its parameters are optimised with the model's and saved
-    with the method."""
+@pytest.mark.parametrize("model", ["resnet10t", "convnext_atto"])  # a pooled head, a head with its own norm
+def test_adversary_learns_the_concept_and_its_gradient_reaches_the_features_reversed(tmp_path, model):
+    """``concept.adversary_weight``: a small network learns the concept prediction from the features the CNN's
+    classifier reads, on the stream; the CNN receives that loss's gradient times -weight (gradient reversal), the
+    adversary its plain gradient; the loss adds it to the weighted MI. Its parameters are optimised with the
+    model's and saved with the method."""
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer
 
     recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
-                                                                 "concept.adversary_weight=2", "concept.weight=0.5"])
+                                                                 "concept.adversary_weight=2", "concept.weight=0.5",
+                                                                 f"model.name={model}"])
     t = Trainer(recipe, tmp_path, progress=False)
     adversary = t.method.adversary
     assert [p for g in t.optimizer.param_groups[1:] for p in g["params"]] == list(adversary.parameters())
@@ -255,8 +257,11 @@ def test_adversary_learns_the_concept_and_its_gradient_reaches_the_features_reve
     images_u, index_u = stream_batch
     q = t.method._cache_q()[index_u]
     terms = t.method.loss_terms(batch, 0)
-    _, taps = t.model(torch.cat([batch["images"], images_u]), taps=True)  # same batch statistics as the step
-    features = taps[t.net.tap_names[-1]][16:].mean((2, 3))
+    read = []  # what the classifier reads in a forward pass with the step's batch statistics
+    hook = t.net.net.get_classifier().register_forward_pre_hook(lambda module, args: read.append(args[0]))
+    t.model(torch.cat([batch["images"], images_u]), taps=True)
+    hook.remove()
+    features = read[0][16:]
     plain = -(q * adversary(features).log_softmax(-1)).sum(1).mean()  # the adversary's loss, nothing reversed
     assert float(terms["adversary"].detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
     total = terms["nll"] + 0.5 * terms["penalty"] + terms["adversary"]

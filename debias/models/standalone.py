@@ -47,6 +47,17 @@ class StandaloneModel(nn.Module):
         logits = self.net.forward_head(final)
         return logits, dict(zip(self.tap_names, intermediates))
 
+    @property
+    def pre_logits_width(self) -> int:
+        """Width of :meth:`pre_logits`'s features."""
+        return getattr(self.net, "head_hidden_size", None) or self.net.num_features
+
+    def pre_logits(self, last_tap: torch.Tensor) -> torch.Tensor:
+        """The features the classifier reads, from the last tap: timm's ``forward_head(pre_logits=True)`` (global
+        pooling, and the head's norm where it has one, as in convnext). The last tap is the final feature map that
+        ``forward_intermediates`` hands the head for the resnet and convnext families."""
+        return self.net.forward_head(last_tap, pre_logits=True)
+
     def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and taps (same as ``self(x, taps=True)``; kept for callers holding the unwrapped model)."""
         return self(x, taps=True)

@@ -158,7 +158,7 @@ class ConceptPenalty(Method):
         """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
         self.adversary: torch.nn.Module | None = None
         if cfg.adversary_weight > 0:
-            width = trainer.net.tap_channels[trainer.net.tap_names[-1]]
+            width = trainer.net.pre_logits_width
             self.adversary = torch.nn.Sequential(
                 torch.nn.Linear(width, cfg.adversary_hidden), torch.nn.ReLU(),
                 torch.nn.Linear(cfg.adversary_hidden, len(self.concept.captions))).to(trainer.device)
@@ -280,7 +280,7 @@ class ConceptPenalty(Method):
                 penalty = objective = soft_mutual_information(p_all, q_all)
         loss = task + self.cfg.weight * objective
         if self.adversary is not None:  # its own loss on this process's stream rows; the trainer averages its grads
-            features = taps[trainer.net.tap_names[-1]][n:].float().mean((2, 3))  # pooled last stage
+            features = trainer.net.pre_logits(taps[trainer.net.tap_names[-1]][n:]).float()  # what the head reads
             guess = self.adversary(reverse_gradient(features, self.cfg.adversary_weight))
             adversary = -(q.float() * guess.log_softmax(-1)).sum(1).mean()
             loss, extra = loss + adversary, {**extra, "adversary": adversary}
