@@ -36,12 +36,17 @@ from debias.io import load_state
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2", "matching.num_images=64",
         "explain.control_draws=1", "train.batch_size=32", "concept.unlabeled_batch_size=8"]
-CASES = {  # overrides, tolerance, whether the random-matching controls (one draw) are compared too
-    "layernorm_concept": (["model.name=test_convnext", "train.method=concept", "train.epochs=2"], 0.05, True),
+CASES = {  # overrides, tolerance, whether the random-matching controls (one draw) are compared, figures left out
+    "layernorm_concept": (["model.name=test_convnext", "train.method=concept", "train.epochs=2"], 0.05, True, ()),
     # the adversary's parameters sit outside DDP: the trainer averages their gradients over the processes
     "layernorm_concept_adversary": (["model.name=test_convnext", "train.method=concept", "train.epochs=2",
-                                     "concept.weight=0", "concept.adversary_weight=1"], 0.05, True),
-    "batchnorm_erm": (["model.name=test_resnet", "train.method=erm", "train.epochs=1", "train.lr=0.01"], 0.25, False),
+                                     "concept.weight=0", "concept.adversary_weight=1"], 0.05, True, ()),
+    # BatchNorm normalises with each process's share of the batch, so the two runs train slightly different models.
+    # This one reads colour (swapped 0.000 in both); its digit score, how the graft's digit captions happen to line
+    # up with a colour-reading CNN, is no stable function of that behaviour: 0.84 vs 0.58 with every accuracy
+    # identical, on the 2-core CI machine of 2026-11-27. Accuracies, the colour score and the verdict are compared.
+    "batchnorm_erm": (["model.name=test_resnet", "train.method=erm", "train.epochs=1", "train.lr=0.01"], 0.25, False,
+                      ("score/digit",)),
 }
 
 
@@ -71,7 +76,7 @@ def _print_side_by_side(case: str, one: dict, two: dict) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_processes_match_one_process(tmp_path, case):
-    overrides, tol, controls = CASES[case]
+    overrides, tol, controls, unstable = CASES[case]
     torch.set_num_threads(1)  # as torchrun gives each of its processes; OpenMP spin-waits badly on busy cores
     args = ["train", "recipes/colored_digits.toml", "--no-progress", "--set", *BASE, *overrides]
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
@@ -98,7 +103,7 @@ def test_two_processes_match_one_process(tmp_path, case):
         print(f"  adversary weights, largest difference: {diff:.2e}")
         assert diff < 1e-3
     f1, f2 = _figures(one), _figures(two)
-    keys = [k for k in f1 if controls or not k.startswith("control/")]
+    keys = [k for k in f1 if (controls or not k.startswith("control/")) and k not in unstable]
     # a worst group holds ~18 images here, so one flipped boundary image moves it by 0.056: allow twice the tolerance
     limit = {k: 2 * tol if k.endswith("worst_group") else tol for k in keys}
     bad = {k: (f1[k], f2[k]) for k in keys
