@@ -377,9 +377,9 @@ def random_grayscale(images: torch.Tensor, p: float) -> torch.Tensor:
     """Each image of an RGB batch turned gray with probability ``p`` (torchvision's ``RandomGrayscale``, one draw
     per image, batched); the gray images keep three channels."""
     pick = torch.rand(len(images), device=images.device) < p
-    images = images.clone()
-    images[pick] = _v2().functional.rgb_to_grayscale(images[pick], num_output_channels=3)  # none picked: a no-op
-    return images
+    # every image converted, then chosen by a mask: no data-dependent shape (``images[pick]`` waits for the device)
+    gray = _v2().functional.rgb_to_grayscale(images, num_output_channels=3)
+    return torch.where(pick[:, None, None, None], gray, images)
 
 
 def _per_image(transform):
