@@ -193,6 +193,12 @@ class ConceptPenaltyCfg:
     confidence, from ``pseudo_label_start`` (a fraction of the training steps) on. No labels are used. 0 = off."""
     pseudo_label_threshold: float = field(default=0.95, metadata=_range(0.0, 1.0))
     pseudo_label_start: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    core_weight: float = field(default=0.0, metadata=_range(0.0, None))
+    """Distillation of the core concept on the stream: weight of the cross-entropy of each stream image's class
+    logits against the core concept's caption prediction (one caption per class, ``concepts.core``) from the same
+    ``source``: the grafted CLIP reading the CNN (``graft``), plain CLIP on the raw image (``clip``: CLIP as a
+    teacher), or the stream's true classes (``labels``: an oracle, supervised training on the stream; with
+    ``weight = 0`` it measures what labelling the stream would give). 0 = off."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..errors import DebiasError, did_you_mean
 
 if TYPE_CHECKING:
+    from ..concepts import ConceptSet
     from .loop import Trainer
 
 METHODS: dict[str, type["Method"]] = {}
@@ -149,9 +150,19 @@ class ConceptPenalty(Method):
         if not spurious:
             raise DebiasError("train.method = 'concept' needs a spurious concept: set concepts.spurious")
         self.concept = spurious[0]
+        self.core: ConceptSet | None = None
+        if cfg.core_weight > 0:
+            core = [c for c in trainer.concepts if c.role == "core" and c.attribute == "label"]
+            if not core:
+                raise DebiasError("concept.core_weight > 0 needs a core concept with one caption per class: set "
+                                  "concepts.core to a concept of the label (coloured digits: 'digit')")
+            self.core = core[0]
         self.cfg = cfg
         self.cached_q: torch.Tensor | None = None
+        self.cached_core: torch.Tensor | None = None
         self.graft_q: torch.Tensor | None = None
+        self.graft_core: torch.Tensor | None = None
+        """With ``core_weight > 0``: the core concept's caption prediction of the stream, read with ``graft_q``."""
         self.graft_q_epoch = -1
         """The matching epoch ``graft_q`` was read with (``graft_read = 'match'``)."""
         self.joint: torch.Tensor | None = None
@@ -164,21 +175,28 @@ class ConceptPenalty(Method):
                 torch.nn.Linear(cfg.adversary_hidden, len(self.concept.captions))).to(trainer.device)
 
     def _cache_q(self) -> torch.Tensor:
-        """Concept predictions that do not change during training (plain CLIP, or the true attribute)."""
+        """Concept predictions that do not change during training (plain CLIP, or the true attribute); with
+        ``core_weight``, the core concept's (plain CLIP, or the true class) in ``cached_core`` alongside."""
         if self.cached_q is None:
             stream = self.trainer.bundle.unlabeled
             n_values = len(self.concept.captions)
             if self.cfg.source == "labels":
                 self.cached_q = F.one_hot(stream.attrs.clamp(max=n_values - 1), n_values).float()
+                if self.core is not None:
+                    self.cached_core = F.one_hot(stream.labels, len(self.core.captions)).float()
             else:
                 clip = self.trainer.clip
-                text = clip.encode_text(self.concept.captions)
-                chunks = []
+                concepts = [self.concept] + ([self.core] if self.core is not None else [])
+                texts = [clip.encode_text(c.captions) for c in concepts]
+                chunks: list[list[torch.Tensor]] = [[] for _ in concepts]
                 with torch.no_grad():
                     for start in range(0, len(stream), 256):
                         emb = clip.encode_image(stream.images[start:start + 256].to(self.trainer.device))
-                        chunks.append(self._softmax(emb, text).cpu())
-                self.cached_q = torch.cat(chunks)
+                        for out, text in zip(chunks, texts):
+                            out.append(self._softmax(emb, text).cpu())
+                self.cached_q = torch.cat(chunks[0])
+                if self.core is not None:
+                    self.cached_core = torch.cat(chunks[1])
         return self.cached_q
 
     def _softmax(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -192,24 +210,32 @@ class ConceptPenalty(Method):
         if due:  # the end-of-epoch tracking may already have matched this very model
             trainer.rematch()
         if self.cfg.graft_read == "match" and self.graft_q_epoch != trainer.matching_epoch:
-            self.graft_q = self._read_stream_through_graft()
+            self.graft_q, self.graft_core = self._read_stream_through_graft()
             self.graft_q_epoch = trainer.matching_epoch
 
+    def _graft_predictions(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The spurious and (with ``core_weight``) core concept's caption predictions of grafted embeddings."""
+        encode = self.trainer.clip.encode_text
+        core = None if self.core is None else self._softmax(emb, encode(self.core.captions))
+        return self._softmax(emb, encode(self.concept.captions)), core
+
     @torch.no_grad()
-    def _read_stream_through_graft(self) -> torch.Tensor:
+    def _read_stream_through_graft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Caption predictions of the whole unlabeled stream through the graft, with the model as it is now."""
         trainer = self.trainer
         stream, net = trainer.bundle.unlabeled, trainer.net
-        text = trainer.clip.encode_text(self.concept.captions)
         training = net.training
         net.eval()
-        chunks = []
+        chunks, core_chunks = [], []
         for start in range(0, len(stream), 256):
             images = stream.images[start:start + 256].to(trainer.device)
             _, taps = net(images, taps=True)
-            chunks.append(self._softmax(trainer.graft(images, taps), text).cpu())
+            q, core = self._graft_predictions(trainer.graft(images, taps))
+            chunks.append(q.cpu())
+            if core is not None:
+                core_chunks.append(core.cpu())
         net.train(training)
-        return torch.cat(chunks)
+        return torch.cat(chunks), (torch.cat(core_chunks) if core_chunks else None)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [] if self.adversary is None else list(self.adversary.parameters())
@@ -220,6 +246,8 @@ class ConceptPenalty(Method):
             state["adversary"] = {k: v.detach().cpu().clone() for k, v in self.adversary.state_dict().items()}
         if self.graft_q is not None:
             state.update(graft_q=self.graft_q.clone(), graft_q_epoch=torch.tensor(self.graft_q_epoch))
+        if self.graft_core is not None:
+            state["graft_core"] = self.graft_core.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -230,6 +258,8 @@ class ConceptPenalty(Method):
         if "graft_q" in state:
             self.graft_q = state["graft_q"].clone()
             self.graft_q_epoch = int(state["graft_q_epoch"])
+        if "graft_core" in state:
+            self.graft_core = state["graft_core"].clone()
 
     def _with_self_training(self, nll: torch.Tensor, stream_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The task loss with the stream self-training term added once it has started, and its logged parts."""
@@ -245,19 +275,22 @@ class ConceptPenalty(Method):
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
         graft_step = self.cfg.source == "graft" and self.cfg.graft_read == "step"
-        if self.cfg.source == "graft" and not graft_step and self.graft_q is None:
-            # a checkpoint written before the stream was read (an older version)
-            self.graft_q, self.graft_q_epoch = self._read_stream_through_graft(), trainer.matching_epoch
+        if self.cfg.source == "graft" and not graft_step and (
+                self.graft_q is None or (self.core is not None and self.graft_core is None)):
+            # a checkpoint written before the stream was read (an older version, or one without the core term)
+            (self.graft_q, self.graft_core), self.graft_q_epoch = (self._read_stream_through_graft(),
+                                                                   trainer.matching_epoch)
         # one forward (DDP's, when distributed); its taps feed the per-step graft read and the adversary
         logits, taps = model(x, taps=True) if graft_step or self.adversary is not None else (model(x), None)
         if graft_step:
             with torch.no_grad():
-                emb = trainer.graft(images_u, {k: v[n:].detach() for k, v in taps.items()})
-                q = self._softmax(emb, trainer.clip.encode_text(self.concept.captions))
-        elif self.cfg.source == "graft":
-            q = self.graft_q[index_u].to(x.device)
+                q, core_q = self._graft_predictions(trainer.graft(images_u, {k: v[n:].detach()
+                                                                             for k, v in taps.items()}))
         else:
-            q = self._cache_q()[index_u].to(x.device)
+            q_all_stream, core_all_stream = ((self.graft_q, self.graft_core) if self.cfg.source == "graft"
+                                             else (self._cache_q(), self.cached_core))
+            q = q_all_stream[index_u].to(x.device)
+            core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
         nll = F.cross_entropy(logits[:n], batch["labels"])
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
         q_all = trainer.dist.gather_rows(q.float())
@@ -279,6 +312,9 @@ class ConceptPenalty(Method):
             else:
                 penalty = objective = soft_mutual_information(p_all, q_all)
         loss = task + self.cfg.weight * objective
+        if core_q is not None:  # distillation of the core concept's caption prediction on the stream
+            core = -(core_q.float() * logits[n:].float().log_softmax(-1)).sum(1).mean()
+            loss, extra = loss + self.cfg.core_weight * core, {**extra, "core": core}
         if self.adversary is not None:  # its own loss on this process's stream rows; the trainer averages its grads
             features = trainer.net.pre_logits(taps[trainer.net.tap_names[-1]][n:]).float()  # what the head reads
             guess = self.adversary(reverse_gradient(features, self.cfg.adversary_weight))
