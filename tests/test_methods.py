@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from debias.cli import main
 from debias.compare import compare_runs
@@ -384,7 +385,7 @@ def test_core_distillation_targets_the_core_concept_of_each_source(tmp_path, cap
                     tmp_path / "graft", progress=False)
     graft.epoch = 0
     graft.method.on_epoch_start(0)
-    core = graft.method.graft_core
+    core, stream = graft.method.graft_core, graft.bundle.unlabeled
     assert core.shape == (len(stream), 2) and torch.allclose(core.sum(1), torch.ones(len(core)), atol=1e-5)
     graft.net.eval()
     with torch.no_grad():
@@ -400,6 +401,10 @@ def test_core_distillation_targets_the_core_concept_of_each_source(tmp_path, cap
                  "--set", *TINY, "concept.core_weight=1", "concepts.core=[]"]) == 2
     err = capsys.readouterr().err
     assert "concept.core_weight" in err and "concepts.core" in err and not out.exists()
-    out = tmp_path / "step"  # the per-step graft read gives the core prediction too; trains end to end
+    out = tmp_path / "step"  # the per-step graft read gives the core prediction too; trains end to end, logs it
     assert main(["train", "recipes/colored_digits.toml", "--method", "concept", "--out", str(out), "--no-progress",
                  "--set", *TINY, "concept.core_weight=1", "concept.graft_read=step", "train.epochs=1"]) == 0
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/core")]
+    assert logged and all(v > 0 for v in logged)

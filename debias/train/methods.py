@@ -221,7 +221,8 @@ class ConceptPenalty(Method):
 
     @torch.no_grad()
     def _read_stream_through_graft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Caption predictions of the whole unlabeled stream through the graft, with the model as it is now."""
+        """Caption predictions of the whole unlabeled stream through the graft, with the model as it is now: the
+        spurious concept's, and the core concept's with ``core_weight`` (else None)."""
         trainer = self.trainer
         stream, net = trainer.bundle.unlabeled, trainer.net
         training = net.training
