@@ -185,18 +185,7 @@ class ConceptPenalty(Method):
                 if self.core is not None:
                     self.cached_core = F.one_hot(stream.labels, len(self.core.captions)).float()
             else:
-                clip = self.trainer.clip
-                concepts = [self.concept] + ([self.core] if self.core is not None else [])
-                texts = [clip.encode_text(c.captions) for c in concepts]
-                chunks: list[list[torch.Tensor]] = [[] for _ in concepts]
-                with torch.no_grad():
-                    for start in range(0, len(stream), 256):
-                        emb = clip.encode_image(stream.images[start:start + 256].to(self.trainer.device))
-                        for out, text in zip(chunks, texts):
-                            out.append(self._softmax(emb, text).cpu())
-                self.cached_q = torch.cat(chunks[0])
-                if self.core is not None:
-                    self.cached_core = torch.cat(chunks[1])
+                self.cached_q, self.cached_core = self._read_stream(self.trainer.clip.encode_image)
         return self.cached_q
 
     def _softmax(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -213,30 +202,34 @@ class ConceptPenalty(Method):
             self.graft_q, self.graft_core = self._read_stream_through_graft()
             self.graft_q_epoch = trainer.matching_epoch
 
-    def _graft_predictions(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The spurious and (with ``core_weight``) core concept's caption predictions of grafted embeddings."""
+    def _caption_predictions(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The spurious and (with ``core_weight``) core concept's caption predictions of image embeddings."""
         encode = self.trainer.clip.encode_text
         core = None if self.core is None else self._softmax(emb, encode(self.core.captions))
         return self._softmax(emb, encode(self.concept.captions)), core
 
     @torch.no_grad()
-    def _read_stream_through_graft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Caption predictions of the whole unlabeled stream through the graft, with the model as it is now: the
+    def _read_stream(self, encode: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption predictions of the whole unlabeled stream from ``encode`` (images -> CLIP embeddings): the
         spurious concept's, and the core concept's with ``core_weight`` (else None)."""
-        trainer = self.trainer
-        stream, net = trainer.bundle.unlabeled, trainer.net
-        training = net.training
-        net.eval()
+        stream = self.trainer.bundle.unlabeled
         chunks, core_chunks = [], []
         for start in range(0, len(stream), 256):
-            images = stream.images[start:start + 256].to(trainer.device)
-            _, taps = net(images, taps=True)
-            q, core = self._graft_predictions(trainer.graft(images, taps))
+            q, core = self._caption_predictions(encode(stream.images[start:start + 256].to(self.trainer.device)))
             chunks.append(q.cpu())
             if core is not None:
                 core_chunks.append(core.cpu())
-        net.train(training)
         return torch.cat(chunks), (torch.cat(core_chunks) if core_chunks else None)
+
+    def _read_stream_through_graft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stream's caption predictions through the graft, with the model as it is now (in eval mode)."""
+        trainer, net = self.trainer, self.trainer.net
+        training = net.training
+        net.eval()
+        out = self._read_stream(lambda images: trainer.graft(images, net(images, taps=True)[1]))
+        net.train(training)
+        return out
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [] if self.adversary is None else list(self.adversary.parameters())
@@ -276,17 +269,16 @@ class ConceptPenalty(Method):
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
         graft_step = self.cfg.source == "graft" and self.cfg.graft_read == "step"
-        if self.cfg.source == "graft" and not graft_step and (
-                self.graft_q is None or (self.core is not None and self.graft_core is None)):
-            # a checkpoint written before the stream was read (an older version, or one without the core term)
+        if self.cfg.source == "graft" and not graft_step and self.graft_q is None:
+            # a checkpoint written before the stream was read (an older version)
             (self.graft_q, self.graft_core), self.graft_q_epoch = (self._read_stream_through_graft(),
                                                                    trainer.matching_epoch)
         # one forward (DDP's, when distributed); its taps feed the per-step graft read and the adversary
         logits, taps = model(x, taps=True) if graft_step or self.adversary is not None else (model(x), None)
         if graft_step:
             with torch.no_grad():
-                q, core_q = self._graft_predictions(trainer.graft(images_u, {k: v[n:].detach()
-                                                                             for k, v in taps.items()}))
+                q, core_q = self._caption_predictions(trainer.graft(images_u, {k: v[n:].detach()
+                                                                               for k, v in taps.items()}))
         else:
             q_all_stream, core_all_stream = ((self.graft_q, self.graft_core) if self.cfg.source == "graft"
                                              else (self._cache_q(), self.cached_core))
@@ -314,7 +306,7 @@ class ConceptPenalty(Method):
                 penalty = objective = soft_mutual_information(p_all, q_all)
         loss = task + self.cfg.weight * objective
         if core_q is not None:  # distillation of the core concept's caption prediction on the stream
-            core = -(core_q.float() * logits[n:].float().log_softmax(-1)).sum(1).mean()
+            core = F.cross_entropy(logits[n:].float(), core_q.float())  # probabilities as the target
             loss, extra = loss + self.cfg.core_weight * core, {**extra, "core": core}
         if self.adversary is not None:  # its own loss on this process's stream rows; the trainer averages its grads
             features = trainer.net.pre_logits(taps[trainer.net.tap_names[-1]][n:]).float()  # what the head reads
