@@ -145,6 +145,17 @@ def test_concept_without_unlabeled_stream_fails_cleanly(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_concept_with_a_stream_batch_larger_than_the_stream_fails_cleanly(tmp_path, capsys):
+    """No full stream batch can be drawn from a smaller stream: a clear error before training, not a hang."""
+    out = tmp_path / "run"
+    code = main(["train", "recipes/colored_digits.toml", "--method", "concept", "--out", str(out), "--no-progress",
+                 "--set", *TINY, "concept.unlabeled_batch_size=71"])  # TINY's stream: 70 images
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "concept.unlabeled_batch_size = 71" in err and "only 70 images" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_compare_json_matches_runs(tmp_path):
     runs = []
     for method, seed in (("erm", 0), ("erm", 1)):

@@ -146,6 +146,10 @@ class ConceptPenalty(Method):
                               "varies independently of the label); this recipe has none: set "
                               "data.split_fractions.unlabeled > 0 (coloured digits) or name the stream in the data "
                               "section")
+        if cfg.unlabeled_batch_size > len(bundle.unlabeled):  # no full batch could ever be drawn
+            raise DebiasError(f"concept.unlabeled_batch_size = {cfg.unlabeled_batch_size}: the unlabeled stream has "
+                              f"only {len(bundle.unlabeled)} images; give a batch size of at most "
+                              f"{len(bundle.unlabeled)} or a larger stream")
         spurious = [c for c in trainer.concepts if c.role == "spurious"]
         if not spurious:
             raise DebiasError("train.method = 'concept' needs a spurious concept: set concepts.spurious")
