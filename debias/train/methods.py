@@ -192,6 +192,13 @@ class ConceptPenalty(Method):
                 self.cached_q, self.cached_core = self._read_stream(self.trainer.clip.encode_image)
         return self.cached_q
 
+    def _stream_predictions(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole stream's spurious and (with ``core_weight``) core caption predictions, as last read through the
+        graft or cached from plain CLIP or the true values: one place, so neither is read before it is filled."""
+        if self.cfg.source == "graft":
+            return self.graft_q, self.graft_core
+        return self._cache_q(), self.cached_core
+
     def _softmax(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return (self.trainer.clip.logit_scale / self.cfg.temperature * emb.float() @ text.T).softmax(-1)
 
@@ -284,8 +291,7 @@ class ConceptPenalty(Method):
                 q, core_q = self._caption_predictions(trainer.graft(images_u, {k: v[n:].detach()
                                                                                for k, v in taps.items()}))
         else:
-            q_all_stream, core_all_stream = ((self.graft_q, self.graft_core) if self.cfg.source == "graft"
-                                             else (self._cache_q(), self.cached_core))
+            q_all_stream, core_all_stream = self._stream_predictions()
             q = q_all_stream[index_u].to(x.device)
             core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
         nll = F.cross_entropy(logits[:n], batch["labels"])
