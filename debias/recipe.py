@@ -187,6 +187,11 @@ class ConceptPenaltyCfg:
     """With ``dependence = 'mi'``: 0 estimates the joint distribution of class and concept predictions on each
     stream batch alone; d > 0 keeps a running estimate ``d * previous + (1 - d) * batch`` (less sampling noise than
     one small batch; d = 0.9 spans about ten batches)."""
+    stream_loss_rows: int = field(default=0, metadata=_range(0, None))
+    """An ablation: only the first N rows of each stream batch carry the stream's losses (the dependence penalty,
+    the adversary, self-training, the core term); the others still pass through the forward, so BatchNorm's batch
+    statistics see the whole stream batch. 0 = every row. Separates what a larger ``unlabeled_batch_size`` does
+    through the losses from what it does through the statistics."""
     pseudo_label_weight: float = field(default=0.0, metadata=_range(0.0, None))
     """Self-training on the stream: weight of the cross-entropy of each stream image's class logits against the
     model's own detached prediction, for the images predicted with at least ``pseudo_label_threshold``
@@ -396,6 +401,9 @@ def _validate_cross(recipe: Recipe) -> None:
     if k.joint_decay >= 1.0:
         raise RecipeError(f"concept.joint_decay = {k.joint_decay!r}: expected a value in [0, 1) (1 would never let the "
                           "running estimate move from the first batch)")
+    if k.stream_loss_rows and not 2 <= k.stream_loss_rows <= k.unlabeled_batch_size:
+        raise RecipeError(f"concept.stream_loss_rows = {k.stream_loss_rows!r}: expected 0 (every row) or 2 to "
+                          f"concept.unlabeled_batch_size = {k.unlabeled_batch_size} rows of each stream batch")
     if k.joint_decay > 0 and k.dependence != "mi":
         raise RecipeError(f"concept.joint_decay = {k.joint_decay!r} applies to concept.dependence = 'mi' only, "
                           f"not {k.dependence!r}; set concept.joint_decay = 0")

@@ -247,6 +247,45 @@ def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_p
     assert float(terms["loss"].detach()) == pytest.approx(float((terms["nll"] + terms["penalty"]).detach()), rel=1e-5)
 
 
+def test_stream_loss_rows_keeps_the_losses_to_the_first_rows_and_the_statistics_to_all(tmp_path):
+    """``concept.stream_loss_rows = 3`` of a stream batch of 8: the penalty, self-training and adversary read the
+    first 3 stream rows of the very forward that normalised all 8 (BatchNorm's batch statistics)."""
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + [
+        "train.method=concept", "concept.source=labels", "concept.stream_loss_rows=3", "concept.adversary_weight=1",
+        "concept.pseudo_label_weight=2", "concept.pseudo_label_start=0", "concept.pseudo_label_threshold=0"])
+    t = Trainer(recipe, tmp_path, progress=False)
+    split = t.bundle.splits["train"]
+    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
+    stream_batch = t.next_unlabeled()
+    t.next_unlabeled = lambda: stream_batch
+    images_u, index_u = stream_batch
+    assert len(images_u) == 8
+    q = t.method._cache_q()[index_u]
+    terms = t.method.loss_terms(batch, 0)
+    read = []  # what the classifier reads, with the statistics of all 16 + 8 images
+    hook = t.net.net.get_classifier().register_forward_pre_hook(lambda module, args: read.append(args[0]))
+    with torch.no_grad():
+        logits = t.model(torch.cat([batch["images"], images_u]))[16:]
+    hook.remove()
+    first = logits[:3]
+    assert float(terms["penalty"].detach()) == pytest.approx(
+        float(soft_mutual_information(first.softmax(-1), q[:3])), rel=1e-4)
+    assert float(terms["penalty"].detach()) != pytest.approx(
+        float(soft_mutual_information(logits.softmax(-1), q)), rel=1e-2)
+    assert float(terms["pseudo_label_kept"]) == 3
+    assert float(terms["pseudo_label"].detach()) == pytest.approx(
+        float(F.cross_entropy(first, first.argmax(1))), rel=1e-4)
+    guess = t.method.adversary(read[0][16:19])
+    assert float(terms["adversary"].detach()) == pytest.approx(
+        float(-(q[:3] * guess.log_softmax(-1)).sum(1).mean().detach()), rel=1e-5)
+    with torch.no_grad():  # normalised with only those 3 stream rows, the logits differ: the others did count
+        alone = t.model(torch.cat([batch["images"], images_u[:3]]))[16:]
+    assert not torch.allclose(alone, first, atol=1e-4)
+
+
 @pytest.mark.parametrize("model", ["resnet10t", "convnext_atto"])  # a pooled head, a head with its own norm
 def test_adversary_learns_the_concept_and_its_gradient_reaches_the_features_reversed(tmp_path, model):
     """``concept.adversary_weight``: a small network learns the concept prediction from the features the CNN's

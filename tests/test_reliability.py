@@ -72,6 +72,8 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
          "selection.oracle_split = 'shfited'"),
         ("unknown augmentation", t + ['augment.transforms=["solarise"]'], "'solarise'"),
         ("running joint that never moves", t + ["concept.joint_decay=1.0"], "concept.joint_decay = 1.0"),
+        ("stream loss rows over the stream batch", t + ["concept.unlabeled_batch_size=8", "concept.stream_loss_rows=9"],
+         "concept.stream_loss_rows = 9"),
         ("self-training threshold over 1", t + ["concept.pseudo_label_threshold=1.5"],
          "concept.pseudo_label_threshold = 1.5"),
         ("running joint with logit_corr", t + ["concept.joint_decay=0.9", "concept.dependence=logit_corr"],

@@ -142,6 +142,9 @@ class Trainer:
         if self.method_needs_unlabeled() and self.recipe.concept.unlabeled_batch_size < world:
             raise DebiasError(f"concept.unlabeled_batch_size = {self.recipe.concept.unlabeled_batch_size}: the "
                               f"unlabeled batch is split across {world} processes; give it at least {world} images")
+        if self.method_needs_unlabeled() and 0 < self.recipe.concept.stream_loss_rows < world:
+            raise DebiasError(f"concept.stream_loss_rows = {self.recipe.concept.stream_loss_rows}: the unlabeled "
+                              f"batch is split across {world} processes; give at least {world} rows")
 
     def method_needs_unlabeled(self) -> bool:
         from .methods import METHODS

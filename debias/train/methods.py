@@ -266,6 +266,12 @@ class ConceptPenalty(Method):
         if "graft_core" in state:
             self.graft_core = state["graft_core"].clone()
 
+    def _loss_rows(self, local: int) -> int:
+        """How many of this process's ``local`` stream rows carry the losses: those among the first
+        ``stream_loss_rows`` of the global batch (this process holds rows rank, rank + world, ...)."""
+        k = self.cfg.stream_loss_rows
+        return local if k == 0 else len(range(self.trainer.dist.rank, k, self.trainer.dist.world))
+
     def _with_self_training(self, nll: torch.Tensor, stream_logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The task loss with the stream self-training term added once it has started, and its logged parts."""
         trainer, cfg = self.trainer, self.cfg
@@ -295,6 +301,11 @@ class ConceptPenalty(Method):
             q = q_all_stream[index_u].to(x.device)
             core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
         nll = F.cross_entropy(logits[:n], batch["labels"])
+        rows = self._loss_rows(len(images_u))
+        if rows < len(images_u):  # the ablation: the other stream rows only shaped the batch statistics
+            logits, q = logits[:n + rows], q[:rows]
+            core_q = None if core_q is None else core_q[:rows]
+            taps = None if taps is None else {name: v[:n + rows] for name, v in taps.items()}
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
         q_all = trainer.dist.gather_rows(q.float())
         task, extra = self._with_self_training(nll, logits[n:])
