@@ -19,7 +19,7 @@ def test_concept_recipe_is_the_default_with_the_measured_settings():
     run by tools/sweep.py with these overrides (docs/RESULTS.md, the three-term row)."""
     swept = load_recipe(DEFAULT, ["train.method=concept", "concept.source=graft", "data.bias=1.0", "concept.weight=1",
                                   "concept.adversary_weight=1", "concept.pseudo_label_weight=3", "train.epochs=16",
-                                  "concept.unlabeled_batch_size=128"])
+                                  "concept.unlabeled_batch_size=128", "concept.joint_decay=0.875"])
     assert load_recipe("recipes/colored_digits_concept.toml") == swept
 
 
