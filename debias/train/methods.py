@@ -292,6 +292,10 @@ class ConceptPenalty(Method):
                                                                    trainer.matching_epoch)
         # one forward (DDP's, when distributed); its taps feed the per-step graft read and the adversary
         logits, taps = model(x, taps=True) if graft_step or self.adversary is not None else (model(x), None)
+        rows = self._loss_rows(len(images_u))
+        if rows < len(images_u):  # the ablation: the other stream rows only shaped the batch statistics
+            logits, images_u, index_u = logits[:n + rows], images_u[:rows], index_u[:rows]
+            taps = None if taps is None else {name: v[:n + rows] for name, v in taps.items()}
         if graft_step:
             with torch.no_grad():
                 q, core_q = self._caption_predictions(trainer.graft(images_u, {k: v[n:].detach()
@@ -301,11 +305,6 @@ class ConceptPenalty(Method):
             q = q_all_stream[index_u].to(x.device)
             core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
         nll = F.cross_entropy(logits[:n], batch["labels"])
-        rows = self._loss_rows(len(images_u))
-        if rows < len(images_u):  # the ablation: the other stream rows only shaped the batch statistics
-            logits, q = logits[:n + rows], q[:rows]
-            core_q = None if core_q is None else core_q[:rows]
-            taps = None if taps is None else {name: v[:n + rows] for name, v in taps.items()}
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
         q_all = trainer.dist.gather_rows(q.float())
         task, extra = self._with_self_training(nll, logits[n:])
