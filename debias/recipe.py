@@ -183,6 +183,10 @@ class ConceptPenaltyCfg:
     to carry no concept information there). 0 = off; with ``weight = 0`` the adversary alone."""
     adversary_hidden: int = field(default=64, metadata=_range(1, None))
     """Width of the adversary's hidden layer."""
+    adversary_memory: int = field(default=0, metadata=_range(0, 1000))
+    """The adversary also learns from the detached features and concept predictions of the last N stream batches
+    (a memory: more rows per update at the same forward cost); the CNN's reversed gradient is still that of the
+    current batch's rows alone. 0 = the current batch only."""
     joint_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))
     """With ``dependence = 'mi'``: 0 estimates the joint distribution of class and concept predictions on each
     stream batch alone; d > 0 keeps a running estimate ``d * previous + (1 - d) * batch`` (less sampling noise than
@@ -404,6 +408,9 @@ def _validate_cross(recipe: Recipe) -> None:
     if k.stream_loss_rows and not 2 <= k.stream_loss_rows <= k.unlabeled_batch_size:
         raise RecipeError(f"concept.stream_loss_rows = {k.stream_loss_rows!r}: expected 0 (every row) or 2 to "
                           f"concept.unlabeled_batch_size = {k.unlabeled_batch_size} rows of each stream batch")
+    if k.adversary_memory and k.adversary_weight == 0:
+        raise RecipeError(f"concept.adversary_memory = {k.adversary_memory!r} needs the adversary: set "
+                          "concept.adversary_weight > 0, or concept.adversary_memory = 0")
     if k.joint_decay > 0 and k.dependence != "mi":
         raise RecipeError(f"concept.joint_decay = {k.joint_decay!r} applies to concept.dependence = 'mi' only, "
                           f"not {k.dependence!r}; set concept.joint_decay = 0")

@@ -336,6 +336,57 @@ def test_adversary_learns_the_concept_and_its_gradient_reaches_the_features_reve
     assert all(torch.equal(p.cpu(), saved[k]) for k, p in fresh.method.adversary.state_dict().items())
 
 
+def test_adversary_memory_trains_the_adversary_on_past_batches_and_leaves_the_cnn_gradient_alone(tmp_path):
+    """``concept.adversary_memory = 2``: the adversary's loss averages this stream batch's rows with the detached
+    features and concept predictions kept from the last two batches; the CNN still receives -weight times the
+    gradient of this batch's rows' mean loss; the memory is method state (saved and restored)."""
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
+                                                                 "concept.adversary_weight=2", "concept.weight=0.5",
+                                                                 "concept.adversary_memory=2"])
+    t = Trainer(recipe, tmp_path, progress=False)
+    method, adversary = t.method, t.method.adversary
+    split = t.bundle.splits["train"]
+    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
+    for filled in (1, 2, 2):  # the memory grows to two batches, then keeps the latest two
+        method.loss_terms(batch, 0)
+        assert len(method.adversary_memory) == filled
+    past = list(method.adversary_memory)
+    stream_batch = t.next_unlabeled()
+    t.next_unlabeled = lambda: stream_batch
+    images_u, index_u = stream_batch
+    q = method._cache_q()[index_u]
+    terms = method.loss_terms(batch, 0)
+    assert [f for f, _ in method.adversary_memory[:1]] == [past[1][0]]  # the oldest left, this batch came in
+    read = []  # the features of this batch, with the step's batch statistics
+    hook = t.net.net.get_classifier().register_forward_pre_hook(lambda module, args: read.append(args[0]))
+    t.model(torch.cat([batch["images"], images_u]), taps=True)
+    hook.remove()
+    features = read[0][16:]
+    assert torch.allclose(method.adversary_memory[-1][0], features.float(), atol=1e-6)
+    ce = [-(qq * adversary(f).log_softmax(-1)).sum(1) for f, qq in [*past, (features, q)]]
+    everything = torch.cat(ce).mean()  # what the adversary minimises: 3 batches' rows
+    assert float(terms["adversary"].detach()) == pytest.approx(float(everything.detach()), rel=1e-5)
+    cnn, own = list(t.net.parameters()), list(adversary.parameters())
+    got = torch.autograd.grad(terms["adversary"], cnn + own, retain_graph=True, allow_unused=True)
+    on_cnn = torch.autograd.grad(ce[-1].mean(), cnn, retain_graph=True, allow_unused=True)  # this batch's rows
+    on_own = torch.autograd.grad(everything, own)
+    reached = [i for i, g in enumerate(on_cnn) if g is not None and g.abs().max() > 0]
+    assert len(reached) > len(cnn) // 2
+    for i in reached:  # reversed, times the weight, as without a memory (the rows' scale in and out: rounding)
+        assert torch.allclose(got[i], -2 * on_cnn[i], rtol=1e-4, atol=1e-5 * float(on_cnn[i].abs().max()))
+    for g, want in zip(got[len(cnn):], on_own):
+        assert torch.allclose(g, want, rtol=1e-4, atol=1e-7)
+    fresh = Trainer(recipe, tmp_path / "fresh", progress=False)
+    assert fresh.method.adversary_memory == []
+    fresh.method.load_state_dict(method.state_dict())
+    assert len(fresh.method.adversary_memory) == 2
+    for (f1, q1), (f2, q2) in zip(fresh.method.adversary_memory, method.adversary_memory):
+        assert torch.equal(f1, f2) and torch.equal(q1, q2)
+
+
 def test_self_training_on_the_stream_counts_its_confident_predictions_from_its_start(tmp_path):
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer

@@ -74,6 +74,8 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("running joint that never moves", t + ["concept.joint_decay=1.0"], "concept.joint_decay = 1.0"),
         ("stream loss rows over the stream batch", t + ["concept.unlabeled_batch_size=8", "concept.stream_loss_rows=9"],
          "concept.stream_loss_rows = 9"),
+        ("adversary memory without the adversary", t + ["concept.adversary_memory=4"],
+         "concept.adversary_memory = 4 needs the adversary"),
         ("self-training threshold over 1", t + ["concept.pseudo_label_threshold=1.5"],
          "concept.pseudo_label_threshold = 1.5"),
         ("running joint with logit_corr", t + ["concept.joint_decay=0.9", "concept.dependence=logit_corr"],
@@ -149,7 +151,8 @@ def _metrics_without_timing(path: Path) -> dict:
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     args = [sys.executable, "-m", "debias", "train", RECIPE, "--no-progress", "--set", *TINY, "train.epochs=3",
             "train.method=concept", "concept.unlabeled_batch_size=8", "selection.track_concepts=true",
-            "concept.joint_decay=0.9"]  # the running joint is method state a resumed run must restore
+            "concept.joint_decay=0.9", "concept.adversary_weight=1", "concept.adversary_memory=2"]
+    # the running joint and the adversary with its memory are method state a resumed run must restore
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
     t0 = time.perf_counter()

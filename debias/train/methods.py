@@ -172,6 +172,8 @@ class ConceptPenalty(Method):
         self.joint: torch.Tensor | None = None
         """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
         self.adversary: torch.nn.Module | None = None
+        self.adversary_memory: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """The last ``adversary_memory`` stream batches' detached features and concept predictions, oldest first."""
         if cfg.adversary_weight > 0:
             width = trainer.net.pre_logits_width
             self.adversary = torch.nn.Sequential(
@@ -249,6 +251,8 @@ class ConceptPenalty(Method):
         state = {} if self.joint is None else {"joint": self.joint.detach().cpu().clone()}
         if self.adversary is not None:
             state["adversary"] = {k: v.detach().cpu().clone() for k, v in self.adversary.state_dict().items()}
+            if self.adversary_memory:
+                state["adversary_memory"] = [[f.cpu().clone(), q.cpu().clone()] for f, q in self.adversary_memory]
         if self.graft_q is not None:
             state.update(graft_q=self.graft_q.clone(), graft_q_epoch=torch.tensor(self.graft_q_epoch))
         if self.graft_core is not None:
@@ -260,6 +264,8 @@ class ConceptPenalty(Method):
             self.joint = state["joint"].clone()
         if "adversary" in state and self.adversary is not None:
             self.adversary.load_state_dict(state["adversary"])
+            device = self.trainer.device
+            self.adversary_memory = [(f.to(device), q.to(device)) for f, q in state.get("adversary_memory", [])]
         if "graft_q" in state:
             self.graft_q = state["graft_q"].clone()
             self.graft_q_epoch = int(state["graft_q_epoch"])
@@ -279,6 +285,22 @@ class ConceptPenalty(Method):
             return nll, {}
         pseudo, kept = confident_self_training(stream_logits, cfg.pseudo_label_threshold)
         return nll + cfg.pseudo_label_weight * pseudo, {"pseudo_label": pseudo, "pseudo_label_kept": kept}
+
+    def _adversary_loss(self, features: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The adversary's cross-entropy against the concept prediction, averaged over this batch's rows and those
+        of the memory (``adversary_memory``); the batch's features get that loss's gradient reversed, scaled so that
+        the CNN receives ``-adversary_weight`` times the gradient of the batch's rows' mean loss, memory or not."""
+        memory = self.adversary_memory
+        rows = len(features) + sum(len(f) for f, _ in memory)
+        scale = self.cfg.adversary_weight * rows / len(features)
+        ce = -(q * self.adversary(reverse_gradient(features, scale)).log_softmax(-1)).sum(1)
+        # no gradient reaches the CNN through the memory: its features are detached
+        loss = ce.mean() if not memory else (ce.sum() - sum((old_q * self.adversary(old).log_softmax(-1)).sum()
+                                                            for old, old_q in memory)) / rows
+        if self.cfg.adversary_memory:
+            memory.append((features.detach(), q.detach()))
+            del memory[:-self.cfg.adversary_memory]
+        return loss
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         model, trainer = self.trainer.model, self.trainer
@@ -330,8 +352,7 @@ class ConceptPenalty(Method):
             loss, extra = loss + self.cfg.core_weight * core, {**extra, "core": core}
         if self.adversary is not None:  # its own loss on this process's stream rows; the trainer averages its grads
             features = trainer.net.pre_logits(taps[trainer.net.tap_names[-1]][n:]).float()  # what the head reads
-            guess = self.adversary(reverse_gradient(features, self.cfg.adversary_weight))
-            adversary = -(q.float() * guess.log_softmax(-1)).sum(1).mean()
+            adversary = self._adversary_loss(features, q.float())
             loss, extra = loss + adversary, {**extra, "adversary": adversary}
         return {"loss": loss, "nll": nll, "penalty": penalty, **extra}
 
