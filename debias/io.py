@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import DebiasError
 
@@ -59,20 +59,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors, written atomically (to a temporary file, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """safetensors, written atomically (to a temporary file, then renamed). Byte-identical for identical tensors and
+    metadata: safetensors writes the metadata in hash order, which changes from one process to the next, so the
+    header is rewritten with the metadata's keys sorted (same length, same tensors)."""
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, _sorted_metadata(data) if metadata else data)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # not expected (the same keys and values, reordered); keep safetensors' own header then
+        return data
+    return data[:8] + text.ljust(n) + data[8 + n:]  # safetensors pads its header with spaces
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

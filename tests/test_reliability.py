@@ -206,3 +206,23 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     print(f"\nkill-resume: uninterrupted run {duration:.1f} s; SIGTERM then {kills} SIGKILLs; checkpoint step after "
           f"each kill {resumed_at}; {reads} files read whole after kills")
     assert _metrics_without_timing(run / "metrics.json") == _metrics_without_timing(ref / "metrics.json")
+
+
+def test_weights_files_are_byte_identical_for_identical_tensors_and_metadata(tmp_path):
+    """safetensors writes the metadata in hash order (it changes between saves); ``save_tensors`` sorts it, so two
+    identical runs write identical files, and the file still loads with its tensors and metadata."""
+    from safetensors import safe_open
+
+    from debias.io import load_tensors, save_tensors
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(3, dtype=torch.float16)}
+    meta = {"model": "resnet18", "num_classes": "2", "classes": "5,8", "epoch": "3", "note": "très"}
+    blobs = set()
+    for i in range(6):
+        save_tensors(tmp_path / f"{i}.safetensors", tensors, metadata=meta)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    loaded = load_tensors(tmp_path / "0.safetensors")
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == meta
