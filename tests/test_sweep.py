@@ -29,3 +29,20 @@ def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
                           "--out", str(tmp_path / "bad"), "--set", *TINY, "bogus=1"], capture_output=True, text=True)
     assert bad.returncode == 1 and "erm_bias1.0_seed0" in bad.stderr and "no compare written" in bad.stderr
     assert "unknown recipe key 'bogus'" in (tmp_path / "bad" / "logs" / "erm_bias1.0_seed0.log").read_text()
+
+
+def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
+    """tools/bench_step.py: NAME@key=value entries add overrides to one entry; every entry gets a row (its stream
+    batch named), the first is the ratio's base; a bad override names its entry and the key."""
+    tiny = [*TINY, "concept.unlabeled_batch_size=8"]
+    done = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "2", "--warmup", "0", "--methods", "erm",
+                           "concept", "concept@concept.unlabeled_batch_size=16", "--set", *tiny],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"erm", "concept", "concept@concept.unlabeled_batch_size=16"}
+    assert [rows[m][0] for m in ("erm", "concept", "concept@concept.unlabeled_batch_size=16")] == ["-", "8", "16"]
+    assert float(rows["erm"][2]) == 1.0
+    bad = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "1", "--warmup", "0", "--methods", "erm",
+                          "concept@concept.bogus=1", "--set", *tiny], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'concept@concept.bogus=1'" in bad.stderr and "bogus" in bad.stderr

@@ -8,6 +8,9 @@ ratio with that work spread over an epoch's steps.
 
     python tools/bench_step.py                          # erm vs concept (graft) on the default recipe
     python tools/bench_step.py --methods erm concept --steps 30 --set concept.source=clip
+    # settings side by side: NAME@key=value@key=value adds overrides to one entry only
+    python tools/bench_step.py --recipe recipes/colored_digits_concept.toml --methods erm \
+        concept@concept.unlabeled_batch_size=16 concept@concept.unlabeled_batch_size=32 concept
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import time
 
 import torch
 
+from debias.errors import DebiasError
 from debias.recipe import load_recipe
 from debias.train.loop import Trainer
 
@@ -33,11 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     trainers = {}
     tmp = tempfile.mkdtemp(prefix="bench_step.")
-    for method in args.methods:
-        recipe = load_recipe(args.recipe, args.overrides + [f"train.method={method}"])
-        t = Trainer(recipe, f"{tmp}/{method}", progress=False)
+    if len(set(args.methods)) < len(args.methods):
+        p.error(f"--methods {' '.join(args.methods)}: an entry is repeated; give each one once")
+    for i, entry in enumerate(args.methods):
+        method, *extra = entry.split("@")
+        try:
+            recipe = load_recipe(args.recipe, args.overrides + extra + [f"train.method={method}"])
+            t = Trainer(recipe, f"{tmp}/{i}_{method}", progress=False)
+        except DebiasError as e:
+            print(f"bench_step: --methods entry {entry!r}: {e}", file=sys.stderr)
+            return 2
+        if trainers and recipe.train.batch_size != next(iter(trainers.values())).recipe.train.batch_size:
+            p.error(f"--methods entry {entry!r} sets train.batch_size = {recipe.train.batch_size}: every entry "
+                    "must train on the same batch (set it with --set for all)")
         t.method.on_epoch_start(0)  # the concept method matches and builds its graft here, as in training
-        trainers[method] = t
+        trainers[entry] = t
     any_t = next(iter(trainers.values()))
     bs = any_t.recipe.train.batch_size
     split = any_t.bundle.splits["train"]
@@ -65,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     spe = any_t.steps_per_epoch
     base_epoch = base * spe + statistics.median(epoch_work[args.methods[0]])
     r = any_t.recipe
-    print(f"model {r.model.name}, batch {bs}, unlabeled batch {r.concept.unlabeled_batch_size}, "
-          f"concept source {r.concept.source}, device {any_t.device}, threads {torch.get_num_threads()}, "
-          f"{args.steps} steps each, interleaved; {spe} steps per epoch")
-    print(f"{'method':<12} {'median s/step':>14} {'ratio':>7} {'per-epoch work s':>17} {'epoch ratio':>12}")
-    for m in args.methods:
+    print(f"model {r.model.name}, batch {bs}, concept source {r.concept.source}, device {any_t.device}, "
+          f"threads {torch.get_num_threads()}, {args.steps} steps each, interleaved; {spe} steps per epoch")
+    width = max(12, *(len(m) for m in args.methods))
+    print(f"{'method':<{width}} {'stream batch':>12} {'median s/step':>14} {'ratio':>7} {'per-epoch work s':>17} "
+          f"{'epoch ratio':>12}")
+    for m, t in trainers.items():
         med, work = statistics.median(times[m]), statistics.median(epoch_work[m])
-        print(f"{m:<12} {med:>14.4f} {med / base:>7.2f} {work:>17.3f} {(med * spe + work) / base_epoch:>12.2f}")
+        stream = t.recipe.concept.unlabeled_batch_size if t.method.needs_unlabeled else "-"
+        print(f"{m:<{width}} {stream:>12} {med:>14.4f} {med / base:>7.2f} {work:>17.3f} "
+              f"{(med * spe + work) / base_epoch:>12.2f}")
     return 0
 
 
