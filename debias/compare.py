@@ -11,7 +11,7 @@ import numpy as np
 
 from . import io
 from .errors import DebiasError
-from .recipe import flatten_recipe
+from .recipe import Recipe, flatten_recipe
 
 SPLIT_ORDER = ("test", "shifted", "swapped", "grayscale", "val")
 
@@ -40,8 +40,11 @@ _IN_SETTING = {"seed", "data.bias", "concept.weight"}  # the seed is averaged ov
 
 def settings(metrics: list[dict[str, Any]]) -> list[str]:
     """Each run's :func:`setting`, plus every other recipe value that differs between runs of the same method
-    variant (``train.epochs=16``, ...), so that runs trained differently are never averaged as one."""
-    flats = [flatten_recipe(m.get("recipe", {})) for m in metrics]
+    variant (``train.epochs=16``, ...), so that runs trained differently are never averaged as one. A key a run's
+    recipe lacks (the run was written before the key existed) counts as the key's default, which every new key
+    keeps to the behaviour from before it."""
+    defaults = flatten_recipe(Recipe().to_dict())
+    flats = [{**defaults, **flatten_recipe(m.get("recipe", {}))} for m in metrics]
     variants = [variant(m) for m in metrics]
     varying: dict[str, list[str]] = {}
     for var in set(variants):

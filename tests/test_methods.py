@@ -182,13 +182,17 @@ def test_compare_json_matches_runs(tmp_path):
 
 
 def test_compare_never_averages_runs_trained_differently(tmp_path):
-    """Runs of one method that differ in a recipe value other than the seed are separate groups, the value named."""
+    """Runs of one method that differ in a recipe value other than the seed are separate groups, the value named.
+    A run written before a recipe key existed (its recipe lacks the key) groups with runs holding the key's default."""
     runs = []
     for seed, lr in ((0, "0.001"), (1, "0.001"), (0, "0.01")):
         out = tmp_path / f"erm{seed}_lr{lr}"
         assert main(["train", "recipes/colored_digits.toml", "--method", "erm", "--out", str(out), "--no-progress",
                      "--set", *TINY, f"seed={seed}", "train.epochs=1", f"train.lr={lr}"]) == 0
         runs.append(out)
+    older = json.loads((runs[1] / "metrics.json").read_text())
+    assert older["recipe"]["concept"].pop("adversary_memory") == 0  # as written before that key was added
+    (runs[1] / "metrics.json").write_text(json.dumps(older))
     result = compare_runs(runs, tmp_path / "cmp")
     groups = {g["setting"]: g["seeds"] for g in result["groups"]}
     assert groups == {"bias=1.0,train.lr=0.001": [0, 1], "bias=1.0,train.lr=0.01": [0]}
