@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="before/after tables and plots across run directories")
     p.add_argument("runs", nargs="+", help="train run directories")
     p.add_argument("--out", required=True, help="directory for compare.json, report.md and plots")
+    p.add_argument("--goal", nargs="+", default=[], metavar="SPLIT=MIN",
+                   help="count the seeds meeting every threshold at once, e.g. test=0.99 shifted=0.95 swapped=0.95")
+    p.add_argument("--reference", metavar="SETTING",
+                   help="the group every other is compared with seed by seed, named by its method or setting parts, "
+                        "e.g. erm or concept.unlabeled_batch_size=16")
     return parser
 
 
@@ -83,9 +88,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare_runs
+    from .compare import compare_runs, parse_goal
 
-    compare_runs([Path(r) for r in args.runs], Path(args.out))
+    compare_runs([Path(r) for r in args.runs], Path(args.out), reference=args.reference, goal=parse_goal(args.goal))
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
 

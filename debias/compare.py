@@ -82,7 +82,93 @@ def _oracle(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"split": best["oracle_split"], "epoch": best["epoch"], "accuracy": best["oracle_accuracy"]}
 
 
-def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
+def parse_goal(items: list[str]) -> dict[str, float]:
+    """``["test=0.99", "swapped=0.95"]`` -> ``{"test": 0.99, "swapped": 0.95}``: the minimum accuracy per split."""
+    goal = {}
+    for item in items:
+        split, sep, value = item.partition("=")
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = float("nan")
+        if not sep or not split or not 0 <= threshold <= 1:
+            raise DebiasError(f"--goal {item!r}: expected SPLIT=MIN with MIN an accuracy in [0, 1], e.g. "
+                              "test=0.99 shifted=0.95")
+        goal[split] = threshold
+    return goal
+
+
+def _label(group: dict[str, Any]) -> str:
+    return f"{group['method']} {group['setting']}"
+
+
+def _matches(reference: str, group: dict[str, Any]) -> bool:
+    """Every part of ``reference`` (split at commas and spaces) is one of the group's parts: its method, or one of its
+    setting's ``key=value`` parts, where ``unlabeled_batch_size=16`` also matches ``concept.unlabeled_batch_size=16``."""
+    parts = [group["method"], *_SETTING_PARTS.split(group["setting"])]
+    return all(any(p == token or p.endswith("." + token) for p in parts)
+               for token in re.split(r"[\s,]+", reference.strip()) if token)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (a binomial test at one half)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2 ** n)
+
+
+def _meets(row: dict[str, Any], goal: dict[str, float]) -> bool:
+    return all(row["splits"][s]["accuracy"] >= t for s, t in goal.items())
+
+
+def _add_goal(rows: list[dict[str, Any]], groups: list[dict[str, Any]], by_key: dict, goal: dict[str, float]
+              ) -> None:
+    for r in rows:
+        absent = [s for s in goal if s not in r["splits"]]
+        if absent:
+            raise DebiasError(f"--goal names split {absent[0]!r}, which {Path(r['run']) / 'metrics.json'} does not "
+                              f"have; its splits are {', '.join(r['splits'])}")
+        r["meets_goal"] = _meets(r, goal)
+    for g in groups:
+        members = by_key[g["method"], g["setting"]]
+        g["goal"] = {"thresholds": dict(goal), "met": sum(r["meets_goal"] for r in members), "n": len(members),
+                     "seeds_met": sorted(r["seed"] for r in members if r["meets_goal"])}
+
+
+def _add_paired(groups: list[dict[str, Any]], by_key: dict, reference: str, goal: dict[str, float] | None) -> None:
+    """Per-seed differences of every group against the reference group, over the seeds both hold."""
+    refs = [g for g in groups if _matches(reference, g)]
+    if len(refs) != 1:
+        found = "none does" if not refs else f"{len(refs)} do: " + "; ".join(_label(g) for g in refs)
+        raise DebiasError(f"--reference {reference!r} must match exactly one group, {found}; the groups are: "
+                          + "; ".join(_label(g) for g in groups))
+    (ref,) = refs
+    ref_rows = {r["seed"]: r for r in by_key[ref["method"], ref["setting"]]}
+    for g in groups:
+        if g is ref:
+            continue
+        rows = {r["seed"]: r for r in by_key[g["method"], g["setting"]]}
+        seeds = sorted(set(rows) & set(ref_rows))
+        paired: dict[str, Any] = {"reference": _label(ref), "seeds": seeds, "splits": {}}
+        for s in g["splits"]:
+            diffs = [rows[k]["splits"][s]["accuracy"] - ref_rows[k]["splits"][s]["accuracy"]
+                     for k in seeds if s in rows[k]["splits"] and s in ref_rows[k]["splits"]]
+            if diffs:
+                se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
+                paired["splits"][s] = {"mean": float(np.mean(diffs)), "se": se, "n": len(diffs)}
+        if goal is not None:
+            only_here = sum(rows[k]["meets_goal"] and not ref_rows[k]["meets_goal"] for k in seeds)
+            only_ref = sum(ref_rows[k]["meets_goal"] and not rows[k]["meets_goal"] for k in seeds)
+            paired["goal"] = {"only_here": only_here, "only_reference": only_ref,
+                              "mcnemar_p": mcnemar_exact(only_here, only_ref)}
+        g["paired"] = paired
+
+
+def compare_runs(runs: list[Path], out: Path, reference: str | None = None,
+                 goal: dict[str, float] | None = None) -> dict[str, Any]:
+    """Rows per run and groups (mean +- std over seeds per method and setting). ``goal`` (minimum accuracy per split)
+    counts the seeds meeting every threshold at once; ``reference`` (see :func:`_matches`) names one group against
+    which every other group gets per-seed differences (mean +- standard error over the seeds both hold) and, with a
+    goal, the seeds meeting it in one group only, with the exact McNemar p-value."""
     rows = []
     loaded = [_load_run(run) for run in runs]
     for run, m, sett in zip(runs, loaded, settings(loaded)):
@@ -118,6 +204,10 @@ def compare_runs(runs: list[Path], out: Path) -> dict[str, Any]:
             g["stream"] = {k: _mean_std([r["stream"][k] for r in members])
                            for k in ("accuracy", "worst_group_accuracy")}
         groups.append(g)
+    if goal:
+        _add_goal(rows, groups, by_key, goal)
+    if reference is not None:
+        _add_paired(groups, by_key, reference, goal or None)
     result = {"rows": rows, "groups": groups}
     io.check_writable(out)
     io.atomic_write_json(out / "compare.json", result)
@@ -145,6 +235,7 @@ def render_report(result: dict[str, Any]) -> str:
         cells = [_fmt(g["splits"][s]["accuracy"]) if s in g["splits"] else "-" for s in splits]
         dom = ", ".join(f"{k} x{v}" for k, v in g["dominant_concept"].items())
         lines.append(f"| {g['method']} | {g['setting']} | {len(g['seeds'])} | " + " | ".join(cells) + f" | {dom} |")
+    lines += _goal_lines(groups) + _paired_lines(groups, splits)
     lines += ["", "## Worst-group accuracy", "", "| method | setting | " + " | ".join(splits) + " |",
               "|---|---|" + "---|" * len(splits)]
     for g in groups:
@@ -192,6 +283,41 @@ def render_report(result: dict[str, Any]) -> str:
             lines.append(f"| {Path(r['run']).name} | {r['variant']} | {r['seed']} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _goal_lines(groups: list[dict[str, Any]]) -> list[str]:
+    if not groups[0].get("goal"):
+        return []
+    goal = " and ".join(f"{s} >= {t:g}" for s, t in groups[0]["goal"]["thresholds"].items())
+    paired = any(g.get("paired", {}).get("goal") for g in groups)
+    lines = ["", "## Seeds meeting the goal", "", f"Goal: {goal}, at once.", "",
+             "| method | setting | met |" + (" only here | only in the reference | exact McNemar p |" if paired else ""),
+             "|---|---|---|" + ("---|---|---|" if paired else "")]
+    for g in groups:
+        cells = [f"{g['goal']['met']} / {g['goal']['n']}"]
+        if paired:
+            pg = g.get("paired", {}).get("goal")
+            cells += ([str(pg["only_here"]), str(pg["only_reference"]), f"{pg['mcnemar_p']:.3f}"] if pg
+                      else ["(reference)", "", ""])
+        lines.append(f"| {g['method']} | {g['setting']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _paired_lines(groups: list[dict[str, Any]], splits: list[str]) -> list[str]:
+    others = [g for g in groups if g.get("paired")]
+    if not others:
+        return []
+    lines = ["", f"## Per-seed differences against {others[0]['paired']['reference']}", "",
+             "Accuracy of each group minus the reference's on the same seed; mean ± standard error over the seeds "
+             "both hold.", "", "| method | setting | shared seeds | " + " | ".join(splits) + " |",
+             "|---|---|---|" + "---|" * len(splits)]
+    for g in others:
+        cells = []
+        for s in splits:
+            d = g["paired"]["splits"].get(s)
+            cells.append("-" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f}" if d["n"] > 1 else f"{d['mean']:+.3f}")
+        lines.append(f"| {g['method']} | {g['setting']} | {len(g['paired']['seeds'])} | " + " | ".join(cells) + " |")
+    return lines
 
 
 _SETTING_PARTS = re.compile(r",(?=[A-Za-z_][\w.]*=)")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from debias.cli import main
-from debias.compare import compare_runs
+from debias.compare import compare_runs, mcnemar_exact
 from debias.train.methods import (METHODS, logit_correlation, mutual_information_of_joint, permute_channels,
                                   random_grayscale, soft_mutual_information)
 
@@ -198,6 +198,72 @@ def test_compare_never_averages_runs_trained_differently(tmp_path):
     assert groups == {"bias=1.0,train.lr=0.001": [0, 1], "bias=1.0,train.lr=0.01": [0]}
     assert [r["setting"] for r in result["rows"]] == ["bias=1.0,train.lr=0.001"] * 2 + ["bias=1.0,train.lr=0.01"]
     assert "| erm | bias=1.0,train.lr=0.01 | 1 |" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_compare_counts_the_goal_and_pairs_seeds_against_a_reference(tmp_path):
+    """``--goal``: the seeds meeting every threshold at once, per group; ``--reference``: per-seed differences of every
+    other group against it (mean +- standard error over the shared seeds) and the exact McNemar test on the goal."""
+    runs, metrics = {}, {}
+    for lr in ("0.001", "0.01"):
+        for seed in (0, 1):
+            out = tmp_path / f"erm{seed}_lr{lr}"
+            assert main(["train", "recipes/colored_digits.toml", "--method", "erm", "--out", str(out),
+                         "--no-progress", "--set", *TINY, f"seed={seed}", "train.epochs=1", f"train.lr={lr}"]) == 0
+            runs[lr, seed] = out
+            metrics[lr, seed] = json.loads((out / "metrics.json").read_text())["splits"]
+    shifted = sorted(m["shifted"]["accuracy"] for m in metrics.values())
+    goal = {"test": 0.0, "shifted": shifted[-1]}  # the best run meets it; the worst (a different value) does not
+    assert shifted[0] < shifted[-1]
+    cmp = tmp_path / "cmp"
+    assert main(["compare", *map(str, runs.values()), "--out", str(cmp), "--reference", "train.lr=0.001",
+                 "--goal", "test=0.0", f"shifted={shifted[-1]!r}"]) == 0
+    saved = json.loads((cmp / "compare.json").read_text())
+    meets = {k: m["shifted"]["accuracy"] >= goal["shifted"] for k, m in metrics.items()}
+    groups = {g["setting"]: g for g in saved["groups"]}
+    ref, other = groups["bias=1.0,train.lr=0.001"], groups["bias=1.0,train.lr=0.01"]
+    for lr, g in (("0.001", ref), ("0.01", other)):
+        assert g["goal"] == {"thresholds": goal, "met": meets[lr, 0] + meets[lr, 1], "n": 2,
+                             "seeds_met": [s for s in (0, 1) if meets[lr, s]]}
+    assert "paired" not in ref and other["paired"]["reference"] == "erm bias=1.0,train.lr=0.001"
+    assert other["paired"]["seeds"] == [0, 1]
+    for split in ("test", "shifted", "swapped", "grayscale"):
+        diffs = [metrics["0.01", s][split]["accuracy"] - metrics["0.001", s][split]["accuracy"] for s in (0, 1)]
+        assert other["paired"]["splits"][split] == pytest.approx(
+            {"mean": sum(diffs) / 2, "se": abs(diffs[0] - diffs[1]) / 2, "n": 2})
+    only_here = sum(meets["0.01", s] and not meets["0.001", s] for s in (0, 1))
+    only_ref = sum(meets["0.001", s] and not meets["0.01", s] for s in (0, 1))
+    assert other["paired"]["goal"] == {"only_here": only_here, "only_reference": only_ref,
+                                       "mcnemar_p": mcnemar_exact(only_here, only_ref)}
+    report = (cmp / "report.md").read_text()
+    assert "## Seeds meeting the goal" in report and "Per-seed differences against erm bias=1.0,train.lr=0.001" in report
+
+
+def test_mcnemar_exact_is_scipys_two_sided_binomial_test():
+    from scipy.stats import binomtest
+
+    for a, b in ((0, 3), (0, 5), (3, 4), (1, 9), (7, 2), (12, 0)):
+        assert mcnemar_exact(a, b) == pytest.approx(binomtest(a, a + b, 0.5).pvalue)
+    assert mcnemar_exact(0, 0) == 1.0
+
+
+def test_compare_goal_and_reference_fail_cleanly(tmp_path, capsys):
+    runs = []
+    for seed in (0, 1):
+        runs.append(tmp_path / f"erm{seed}")
+        assert main(["train", "recipes/colored_digits.toml", "--method", "erm", "--out", str(runs[-1]),
+                     "--no-progress", "--set", *TINY, f"seed={seed}", "train.epochs=1"]) == 0
+    capsys.readouterr()
+    cmp = tmp_path / "cmp"
+    cases = [(["--goal", "test"], "--goal 'test': expected SPLIT=MIN"),
+             (["--goal", "test=1.5"], "--goal 'test=1.5': expected SPLIT=MIN with MIN an accuracy in [0, 1]"),
+             (["--goal", "nosuch=0.5"], f"--goal names split 'nosuch', which {runs[0] / 'metrics.json'} does not"),
+             (["--reference", "train.lr=0.5"], "--reference 'train.lr=0.5' must match exactly one group, none does; "
+                                               "the groups are: erm bias=1.0")]
+    for extra, message in cases:
+        assert main(["compare", *map(str, runs), "--out", str(cmp), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (cmp / "compare.json").exists()
 
 
 def test_graft_read_once_per_matching_and_per_step(tmp_path):

@@ -25,6 +25,20 @@ def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
     assert not (run / "checkpoint.pt").exists()
     assert (run / "model.safetensors").exists() and (run / "metrics.json").exists()
     assert (tmp_path / "dropped" / "compare" / "compare.json").exists()
+    # the compare's goal and reference pass through; finished runs are skipped, a bad reference is named afterwards
+    again = [sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--out", str(tmp_path / "dropped"),
+             "--goal", "test=0", "--set", *TINY]
+    counted = subprocess.run([*again, "--reference", "erm"], capture_output=True, text=True)
+    assert counted.returncode == 0 and "skip" in counted.stdout, counted.stderr
+    (group,) = json.loads((tmp_path / "dropped" / "compare" / "compare.json").read_text())["groups"]
+    assert group["goal"] == {"thresholds": {"test": 0.0}, "met": 1, "n": 1, "seeds_met": [0]}
+    unmatched = subprocess.run([*again, "--reference", "concept"], capture_output=True, text=True)
+    assert unmatched.returncode == 2 and "the compare did not" in unmatched.stderr
+    assert "--reference 'concept' must match exactly one group" in unmatched.stderr
+    early = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--out", str(tmp_path / "never"),
+                            "--goal", "test"], capture_output=True, text=True)
+    assert early.returncode == 2 and "--goal 'test': expected SPLIT=MIN" in early.stderr
+    assert not (tmp_path / "never").exists()
     bad = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--jobs", "2",
                           "--out", str(tmp_path / "bad"), "--set", *TINY, "bogus=1"], capture_output=True, text=True)
     assert bad.returncode == 1 and "erm_bias1.0_seed0" in bad.stderr and "no compare written" in bad.stderr

@@ -4,6 +4,8 @@
     python tools/sweep.py --bias 1.0 0.99 --seeds 0 1 2 --out runs/sweep
     python tools/sweep.py --methods erm concept:graft --set concept.weight=2 --out runs/w2
     python tools/sweep.py --bias 1.0 --jobs 2 --out runs/sweep   # 2 runs at a time, 1 thread each (2 cores)
+    # the compare also counts the seeds meeting a goal and pairs every method with erm seed by seed
+    python tools/sweep.py --bias 1.0 --goal test=0.99 shifted=0.95 swapped=0.95 --reference erm --out runs/sweep
 
 With ``--jobs N`` (N > 1) N worker processes (``cores // N`` torch threads each) take the runs in turn, each run's
 output in ``OUT/logs``; a worker imports torch, timm and open_clip once for all its runs. The small models here
@@ -28,7 +30,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from debias.cli import main as debias_main
-from debias.compare import compare_runs
+from debias.compare import compare_runs, parse_goal
+from debias.errors import DebiasError
 
 ALL_METHODS = ["erm", "concept:graft", "concept:clip", "concept:labels", "groupdro", "jtt", "reweight", "augment"]
 
@@ -99,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1, in this process)")
     p.add_argument("--drop-training-state", action="store_true",
                    help="delete each finished run's checkpoint.pt (its resume state, the largest file)")
+    p.add_argument("--goal", nargs="+", default=[], metavar="SPLIT=MIN", help="passed to the compare (debias compare)")
+    p.add_argument("--reference", metavar="SETTING", help="passed to the compare (debias compare)")
     args = p.parse_args(argv)
+    try:
+        goal = parse_goal(args.goal)  # a bad goal is named now, not after the runs
+    except DebiasError as e:
+        p.error(str(e))
     out = Path(args.out)
     runs, todo, t0 = [], [], time.perf_counter()
     for bias in args.bias:
@@ -131,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)}; no compare written", file=sys.stderr)
             return 1
     print(f"sweep wall time {time.perf_counter() - t0:.0f} s for {len(runs)} runs")
-    compare_runs(runs, out / "compare")
+    try:
+        compare_runs(runs, out / "compare", reference=args.reference, goal=goal)
+    except DebiasError as e:
+        print(f"sweep: the runs finished, the compare did not: {e}; compare them again with `debias compare "
+              f"{out}/*_seed* --out {out / 'compare'}` and other options", file=sys.stderr)
+        return 2
     print((out / "compare" / "report.md").read_text())
     return 0
 
