@@ -370,3 +370,19 @@ def plot_compare(result: dict[str, Any], out: Path) -> None:
     ax.set_title("concept scores: ERM (before) vs each method (after)", fontsize=9)
     ax.legend(fontsize=7)
     _save(fig, out / "concept_scores.png")
+
+    others = [(g, label) for g, label in zip(groups, labels) if g.get("paired")]
+    if others:  # --reference: each group's per-seed differences from the reference, mean +- standard error
+        fig, ax = plt.subplots(figsize=(max(6, per_group * len(others)), 3.6))
+        width = 0.8 / max(1, len(splits))
+        for i, s in enumerate(splits):
+            xs = [j + (i - (len(splits) - 1) / 2) * width for j in range(len(others))]
+            diffs = [g["paired"]["splits"].get(s, {}) for g, _ in others]
+            ax.bar(xs, [d.get("mean", np.nan) for d in diffs], width=width, yerr=[d.get("se", 0.0) for d in diffs],
+                   capsize=2, label=s)
+        ax.set_xticks(range(len(others)), [label for _, label in others], fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_ylabel("accuracy minus the reference's\n(same seed; mean ± s.e.)")
+        ax.set_title(f"against {others[0][0]['paired']['reference']}", fontsize=8)
+        ax.legend(fontsize=7, ncol=len(splits))
+        _save(fig, out / "paired_differences.png")

@@ -236,6 +236,7 @@ def test_compare_counts_the_goal_and_pairs_seeds_against_a_reference(tmp_path):
                                        "mcnemar_p": mcnemar_exact(only_here, only_ref)}
     report = (cmp / "report.md").read_text()
     assert "## Seeds meeting the goal" in report and "Per-seed differences against erm bias=1.0,train.lr=0.001" in report
+    assert (cmp / "paired_differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_mcnemar_exact_is_scipys_two_sided_binomial_test():
