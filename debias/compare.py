@@ -55,6 +55,16 @@ def settings(metrics: list[dict[str, Any]]) -> list[str]:
             for m, f, v in zip(metrics, flats, variants)]
 
 
+_NUMBER = re.compile(r"(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
+
+
+def natural_key(text: str) -> list[str | float]:
+    """Sort key that orders the numbers inside a setting by value, so ``batch_size=24`` comes before
+    ``batch_size=128`` (plain string order puts 128 first). ``re.split`` with one group alternates text and number,
+    so two keys always compare text with text and number with number."""
+    return [float(part) if i % 2 else part for i, part in enumerate(_NUMBER.split(text))]
+
+
 def _load_run(run: Path) -> dict[str, Any]:
     if not run.is_dir():
         raise DebiasError(f"{run}: not a run directory")
@@ -187,7 +197,7 @@ def compare_runs(runs: list[Path], out: Path, reference: str | None = None,
     for r in rows:
         by_key[r["variant"], r["setting"]].append(r)
     groups = []
-    for (var, sett), members in sorted(by_key.items()):
+    for (var, sett), members in sorted(by_key.items(), key=lambda kv: (kv[0][0], natural_key(kv[0][1]))):
         split_names = [s for s in SPLIT_ORDER if s in members[0]["splits"]] + sorted(
             set(members[0]["splits"]) - set(SPLIT_ORDER))
         g = {"method": var, "setting": sett, "n_runs": len(members), "seeds": sorted(r["seed"] for r in members),

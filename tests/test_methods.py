@@ -182,22 +182,24 @@ def test_compare_json_matches_runs(tmp_path):
 
 
 def test_compare_never_averages_runs_trained_differently(tmp_path):
-    """Runs of one method that differ in a recipe value other than the seed are separate groups, the value named.
-    A run written before a recipe key existed (its recipe lacks the key) groups with runs holding the key's default."""
+    """Runs of one method that differ in a recipe value other than the seed are separate groups, the value named,
+    ordered by the value's number (8 before 32, which plain string order reverses). A run written before a recipe key
+    existed (its recipe lacks the key) groups with runs holding the key's default."""
     runs = []
-    for seed, lr in ((0, "0.001"), (1, "0.001"), (0, "0.01")):
-        out = tmp_path / f"erm{seed}_lr{lr}"
+    for seed, batch in ((0, 32), (1, 32), (0, 8)):
+        out = tmp_path / f"erm{seed}_b{batch}"
         assert main(["train", "recipes/colored_digits.toml", "--method", "erm", "--out", str(out), "--no-progress",
-                     "--set", *TINY, f"seed={seed}", "train.epochs=1", f"train.lr={lr}"]) == 0
+                     "--set", *TINY, f"seed={seed}", "train.epochs=1", f"train.batch_size={batch}"]) == 0
         runs.append(out)
     older = json.loads((runs[1] / "metrics.json").read_text())
     assert older["recipe"]["concept"].pop("adversary_memory") == 0  # as written before that key was added
     (runs[1] / "metrics.json").write_text(json.dumps(older))
     result = compare_runs(runs, tmp_path / "cmp")
-    groups = {g["setting"]: g["seeds"] for g in result["groups"]}
-    assert groups == {"bias=1.0,train.lr=0.001": [0, 1], "bias=1.0,train.lr=0.01": [0]}
-    assert [r["setting"] for r in result["rows"]] == ["bias=1.0,train.lr=0.001"] * 2 + ["bias=1.0,train.lr=0.01"]
-    assert "| erm | bias=1.0,train.lr=0.01 | 1 |" in (tmp_path / "cmp" / "report.md").read_text()
+    b8, b32 = "bias=1.0,train.batch_size=8", "bias=1.0,train.batch_size=32"
+    assert [(g["setting"], g["seeds"]) for g in result["groups"]] == [(b8, [0]), (b32, [0, 1])]
+    assert [r["setting"] for r in result["rows"]] == [b32, b32, b8]  # rows keep the order they were given in
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert report.index(f"| erm | {b8} | 1 |") < report.index(f"| erm | {b32} | 2 |")
 
 
 def test_compare_counts_the_goal_and_pairs_seeds_against_a_reference(tmp_path):
