@@ -104,6 +104,9 @@ def parse_goal(items: list[str]) -> dict[str, float]:
         if not sep or not split or not 0 <= threshold <= 1:
             raise DebiasError(f"--goal {item!r}: expected SPLIT=MIN with MIN an accuracy in [0, 1], e.g. "
                               "test=0.99 shifted=0.95")
+        if split in goal:  # the later value would silently win
+            raise DebiasError(f"--goal {item!r}: split {split!r} is given twice (also {split}={goal[split]:g}); "
+                              "give each split once")
         goal[split] = threshold
     return goal
 

@@ -259,6 +259,8 @@ def test_compare_goal_and_reference_fail_cleanly(tmp_path, capsys):
     cmp = tmp_path / "cmp"
     cases = [(["--goal", "test"], "--goal 'test': expected SPLIT=MIN"),
              (["--goal", "test=1.5"], "--goal 'test=1.5': expected SPLIT=MIN with MIN an accuracy in [0, 1]"),
+             (["--goal", "test=0.99", "test=0.9"], "--goal 'test=0.9': split 'test' is given twice (also "
+                                                   "test=0.99); give each split once"),
              (["--goal", "nosuch=0.5"], f"--goal names split 'nosuch', which {runs[0] / 'metrics.json'} does not"),
              (["--reference", "train.lr=0.5"], "--reference 'train.lr=0.5' must match exactly one group, none does; "
                                                "the groups are: erm bias=1.0")]
