@@ -8,7 +8,6 @@ model keeps its own; both are fed the same [0, 1] images.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
