@@ -208,6 +208,21 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     assert _metrics_without_timing(run / "metrics.json") == _metrics_without_timing(ref / "metrics.json")
 
 
+def test_resume_after_the_last_epoch_evaluates_the_same_training_split(tmp_path):
+    """A run stopped after its last epoch's checkpoint, before its metrics were written, resumes straight into the
+    final evaluation; the training split (re-drawn each epoch) must be the last epoch's draw there too, as in a run
+    that was never stopped, so every figure of metrics.json is the same."""
+    args = ["train", RECIPE, "--no-progress", "--set", *TINY, "train.epochs=3", "train.method=concept",
+            "concept.unlabeled_batch_size=8", "concept.adversary_weight=1"]  # a model that misreads some training images
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    run = tmp_path / "run"
+    assert main(args + ["--out", str(run)]) == 0
+    (run / "done").unlink()  # as if killed during the final evaluation: the checkpoint is the last epoch's
+    (run / "metrics.json").unlink()
+    assert main(args + ["--out", str(run)]) == 0
+    assert _metrics_without_timing(run / "metrics.json") == _metrics_without_timing(tmp_path / "ref" / "metrics.json")
+
+
 def test_weights_files_are_byte_identical_for_identical_tensors_and_metadata(tmp_path):
     """safetensors writes the metadata in hash order (it changes between saves); ``save_tensors`` sorts it, so two
     identical runs write identical files, and the file still loads with its tensors and metadata."""

@@ -399,6 +399,9 @@ class Trainer:
         # a method that trains against the unlabeled stream is also scored on it: how well the penalty's own images
         # were fitted, next to fresh images (the stream's labels are read here for this report only)
         stream = {"stream": self.bundle.unlabeled} if self.method.needs_unlabeled else {}
+        # the training split as the last epoch drew it, also when a run resumes after its last epoch (its loop,
+        # which re-draws the split, does not run again then)
+        self.bundle.splits["train"].set_epoch(max(self.epoch - 1, 0))
         splits = evaluate_splits(self.net, {**self.bundle.splits, **stream}, self.device, dist=self.dist)
         for name, m in splits.items():
             self.writer.add_scalar(f"final/{name}/accuracy", m["accuracy"], self.epoch)
