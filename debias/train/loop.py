@@ -399,9 +399,6 @@ class Trainer:
         # a method that trains against the unlabeled stream is also scored on it: how well the penalty's own images
         # were fitted, next to fresh images (the stream's labels are read here for this report only)
         stream = {"stream": self.bundle.unlabeled} if self.method.needs_unlabeled else {}
-        # the training split as the last epoch drew it, also when a run resumes after its last epoch (its loop,
-        # which re-draws the split, does not run again then)
-        self.bundle.splits["train"].set_epoch(max(self.epoch - 1, 0))
         splits = evaluate_splits(self.net, {**self.bundle.splits, **stream}, self.device, dist=self.dist)
         for name, m in splits.items():
             self.writer.add_scalar(f"final/{name}/accuracy", m["accuracy"], self.epoch)
@@ -516,6 +513,10 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        # the training split (re-drawn each epoch) as the stopped run held it: the current epoch's draw mid-epoch,
+        # the last finished epoch's at an epoch boundary, where the final evaluation, a matching on training images
+        # or a method's epoch start reads it before (or without) the loop drawing it again
+        self.bundle.splits["train"].set_epoch(self.epoch if self.batch_in_epoch else max(self.epoch - 1, 0))
         self.history = json.loads(state["history_json"])
         self.best = json.loads(state["best_json"])
         self.step_times = state["step_times"].tolist()
