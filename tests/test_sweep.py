@@ -1,7 +1,14 @@
 """tools/sweep.py with worker processes: runs land where the compare expects them; a failed run is named."""
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "matching.num_images=64",
         "explain.control_draws=1", "model.name=resnet10t", "train.batch_size=32"]
@@ -60,3 +67,65 @@ def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
     bad = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "1", "--warmup", "0", "--methods", "erm",
                           "concept@concept.bogus=1", "--set", *tiny], capture_output=True, text=True)
     assert bad.returncode == 2 and "'concept@concept.bogus=1'" in bad.stderr and "bogus" in bad.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                kids.append(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for a reaper that a container may not have)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
+def test_stopped_sweep_stops_its_workers_and_leaves_resumable_runs(tmp_path, how):
+    """Ctrl-C (SIGINT to the sweep's process group) or SIGKILL to the sweep process alone: the runs in progress stop
+    after a step (checkpoint written, said in the run's log), no queued run starts, and the workers exit."""
+    out, stderr = tmp_path / "sweep", tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:  # a file, not a pipe: workers left behind would hold a pipe open
+        sweep = subprocess.Popen([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "1", "2", "3",
+                                  "--jobs", "2", "--out", str(out), "--set", *TINY, "train.epochs=200"],
+                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    workers = []
+    try:
+        deadline = time.monotonic() + 240
+        while not all((out / f"erm_bias1.0_seed{s}" / "checkpoint.pt").exists() for s in (0, 1)):
+            assert sweep.poll() is None and time.monotonic() < deadline, "the runs never wrote a first checkpoint"
+            time.sleep(0.5)
+        workers = _children(sweep.pid)
+        assert workers, "no worker processes found"
+        if how == "ctrl-c":
+            os.killpg(sweep.pid, signal.SIGINT)
+            assert sweep.wait(timeout=120) == 130, stderr.read_text()
+            assert "sweep interrupted" in stderr.read_text()
+        else:
+            sweep.kill()
+            sweep.wait()
+        deadline = time.monotonic() + 120
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(_running(w) for w in workers), "worker processes outlived the sweep"
+        for s in (0, 1):
+            log = (out / "logs" / f"erm_bias1.0_seed{s}.log").read_text()
+            assert "stopped by SIG" in log and "resume with the same command" in log, log[-2000:]
+            assert (out / f"erm_bias1.0_seed{s}" / "checkpoint.pt").exists()
+            assert not (out / f"erm_bias1.0_seed{s}" / "done").exists()
+        assert not (out / "erm_bias1.0_seed2").exists() and not (out / "erm_bias1.0_seed3").exists()  # not started
+    finally:  # what a failure left behind would train on
+        sweep.kill()
+        sweep.wait()
+        for w in filter(_running, workers):
+            os.kill(w, signal.SIGKILL)

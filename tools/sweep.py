@@ -9,7 +9,9 @@
 
 With ``--jobs N`` (N > 1) N worker processes (``cores // N`` torch threads each) take the runs in turn, each run's
 output in ``OUT/logs``; a worker imports torch, timm and open_clip once for all its runs. The small models here
-use a second core better as a second run than as a second thread.
+use a second core better as a second run than as a second thread. Ctrl-C stops the sweep: a run in progress stops
+after its current step with a checkpoint written, no other run starts, and the same command resumes. Killing the
+sweep process alone (SIGTERM, even SIGKILL) stops its workers' runs the same way.
 
 A method ``concept:SOURCE`` is the concept method with ``concept.source = SOURCE``.
 
@@ -23,7 +25,9 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -46,48 +50,97 @@ def drop_training_state(d: Path) -> None:
         (d / "checkpoint.pt").unlink(missing_ok=True)
 
 
-def _init_worker(threads: int) -> None:
+_worker: dict = {"busy": False, "stopping": False, "stop": None}
+"""A worker's state, shared by its runs and its watch thread (under ``_worker_lock``); ``stop`` is the sweep's
+event that asks the workers to stop."""
+_worker_lock = threading.Lock()
+
+
+def _init_worker(threads: int, sweep_pid: int, stop) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    _worker["stop"] = stop
+    threading.Thread(target=_watch_sweep, args=(sweep_pid, stop), daemon=True, name="sweep-watch").start()
 
 
-def _run_logged(cmd: list[str], log_path: str) -> tuple[int, float]:
-    """One ``debias`` command in this worker process, its output (and any traceback) in ``log_path``."""
+def _watch_sweep(sweep_pid: int, stop, poll: float = 1.0, grace: float = 300.0) -> None:
+    """Stops this worker's run when the sweep is interrupted (its ``stop`` event) or gone: a sweep process killed
+    alone (SIGKILL, or SIGTERM to it only) leaves its workers behind otherwise, an idle one waiting for work forever.
+    A run in progress is stopped as SIGTERM stops it (after its current step, with a checkpoint written: the same
+    sweep command resumes it); queued runs are not started; an orphaned worker then exits."""
+    while os.getppid() == sweep_pid and not stop.wait(poll):
+        pass
+    with _worker_lock:
+        _worker["stopping"] = True
+        busy = _worker["busy"]
+    if busy:
+        os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler turns it into a stop after the current step
+        deadline = time.monotonic() + grace  # a stop is honoured between steps: allow for an evaluation phase
+        while _worker["busy"] and time.monotonic() < deadline:
+            time.sleep(poll)
+    if os.getppid() != sweep_pid:
+        os._exit(1)
+
+
+def _run_logged(cmd: list[str], log_path: str) -> tuple[int, float] | None:
+    """One ``debias`` command in this worker process, its output (and any traceback) in ``log_path``; None when the
+    sweep is stopping (the run is not started)."""
+    with _worker_lock:
+        if _worker["stopping"] or _worker["stop"].is_set():
+            return None
+        _worker["busy"] = True
     ts = time.perf_counter()
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            code = debias_main(cmd)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except Exception:  # a crash fails this run only; the traceback is in its log
-            traceback.print_exc()
-            code = 1
+    try:
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                code = debias_main(cmd)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except Exception:  # a crash fails this run only; the traceback is in its log
+                traceback.print_exc()
+                code = 1
+    finally:
+        with _worker_lock:
+            _worker["busy"] = False
     return code, time.perf_counter() - ts
 
 
 def _run_parallel(todo: list[tuple[Path, list[str]]], jobs: int, logs: Path, drop: bool = False) -> list[str]:
-    """Run ``debias`` commands on ``jobs`` worker processes, each with its share of the cores."""
+    """Run ``debias`` commands on ``jobs`` worker processes, each with its share of the cores. Ctrl-C (or SIGINT to
+    the sweep) stops the runs in progress after their current step, starts no other and raises KeyboardInterrupt."""
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' OpenMP at start
     failed = []
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+    stop = ctx.Event()
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(threads, os.getpid(), stop)) as pool:
         futures = {pool.submit(_run_logged, cmd, str(logs / f"{d.name}.log")): d for d, cmd in todo}
-        for future in as_completed(futures):
-            d = futures[future]
-            try:
-                code, seconds = future.result()
-            except Exception as exc:  # the worker itself died (killed, out of memory): the pool is gone
-                code, seconds = 1, 0.0
-                print(f"{d.name}: worker process failed ({type(exc).__name__}: {exc})", file=sys.stderr)
-            print(f"{d.name}: exit {code} in {seconds:.0f} s" + ("" if code == 0 else f" (log: {logs / d.name}.log)"),
-                  flush=True)
-            if code != 0:
-                failed.append(d.name)
-            elif drop:
-                drop_training_state(d)
+        try:
+            for future in as_completed(futures):
+                d = futures[future]
+                try:
+                    result = future.result()
+                    if result is None:  # not started: the sweep is stopping
+                        continue
+                    code, seconds = result
+                except Exception as exc:  # the worker itself died (killed, out of memory): the pool is gone
+                    code, seconds = 1, 0.0
+                    print(f"{d.name}: worker process failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+                print(f"{d.name}: exit {code} in {seconds:.0f} s"
+                      + ("" if code == 0 else f" (log: {logs / d.name}.log)"), flush=True)
+                if code != 0:
+                    failed.append(d.name)
+                elif drop:
+                    drop_training_state(d)
+        except KeyboardInterrupt:
+            stop.set()
+            print("sweep interrupted: the runs in progress stop after their current step (checkpoints written), no "
+                  "other run starts; the same command resumes them", file=sys.stderr, flush=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return failed
 
 
@@ -135,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.drop_training_state:
                 drop_training_state(d)
     else:
-        failed = _run_parallel(todo, args.jobs, out / "logs", args.drop_training_state)
+        try:
+            failed = _run_parallel(todo, args.jobs, out / "logs", args.drop_training_state)
+        except KeyboardInterrupt:
+            return 130
         if failed:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)}; no compare written", file=sys.stderr)
             return 1

@@ -584,7 +584,7 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name  # the first signal is the reason
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
