@@ -50,9 +50,9 @@ def drop_training_state(d: Path) -> None:
         (d / "checkpoint.pt").unlink(missing_ok=True)
 
 
-_worker: dict = {"busy": False, "stopping": False, "stop": None}
-"""A worker's state, shared by its runs and its watch thread (under ``_worker_lock``); ``stop`` is the sweep's
-event that asks the workers to stop."""
+_worker: dict = {"busy": False, "stop": None}
+"""A worker's state, shared by its runs and its watch thread (under ``_worker_lock``): whether a run is in progress,
+and the sweep's event that asks the workers to stop."""
 _worker_lock = threading.Lock()
 
 
@@ -72,7 +72,7 @@ def _watch_sweep(sweep_pid: int, stop, poll: float = 1.0, grace: float = 300.0) 
     while os.getppid() == sweep_pid and not stop.wait(poll):
         pass
     with _worker_lock:
-        _worker["stopping"] = True
+        stop.set()  # an orphan sets it itself: no queued run starts
         busy = _worker["busy"]
     if busy:
         os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler turns it into a stop after the current step
@@ -87,7 +87,7 @@ def _run_logged(cmd: list[str], log_path: str) -> tuple[int, float] | None:
     """One ``debias`` command in this worker process, its output (and any traceback) in ``log_path``; None when the
     sweep is stopping (the run is not started)."""
     with _worker_lock:
-        if _worker["stopping"] or _worker["stop"].is_set():
+        if _worker["stop"].is_set():
             return None
         _worker["busy"] = True
     ts = time.perf_counter()
