@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import DebiasError
+from .errors import DebiasError, TrainingInterrupted
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": _train, "explain": _explain, "compare": _compare}[args.command](args)
+    except TrainingInterrupted as exc:  # stopped by a signal, resumable: the signal's exit code, not bad input's
+        print(f"debias {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except DebiasError as exc:
         print(f"debias {args.command}: error: {exc}", file=sys.stderr)
         return 2

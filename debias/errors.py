@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import signal
 from typing import Iterable
 
 
@@ -11,6 +12,15 @@ class DebiasError(Exception):
 
 class RecipeError(DebiasError):
     """A recipe key, value or override is invalid."""
+
+
+class TrainingInterrupted(DebiasError):
+    """SIGINT/SIGTERM: the run stopped after a step, with a checkpoint written. ``exit_code`` is the shell's for
+    that signal (130 for SIGINT, 143 for SIGTERM), so a caller tells a stopped run from bad input (exit 2)."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signal.Signals[signal_name].value
 
 
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:

@@ -10,7 +10,8 @@
 With ``--jobs N`` (N > 1) N worker processes (``cores // N`` torch threads each) take the runs in turn, each run's
 output in ``OUT/logs``; a worker imports torch, timm and open_clip once for all its runs. The small models here
 use a second core better as a second run than as a second thread. Ctrl-C stops the sweep: a run in progress stops
-after its current step with a checkpoint written, no other run starts, and the same command resumes. Killing the
+after its current step with a checkpoint written, no other run starts, the sweep exits 130 (``--jobs 1`` too),
+and the same command resumes. Killing the
 sweep process alone (SIGTERM, even SIGKILL) stops its workers' runs the same way.
 
 A method ``concept:SOURCE`` is the concept method with ``concept.source = SOURCE``.
@@ -37,6 +38,10 @@ from debias.cli import main as debias_main
 from debias.compare import compare_runs, parse_goal
 from debias.errors import DebiasError
 
+STOPPED = (130, 143)
+"""``debias train``'s exit codes for a run stopped by SIGINT or SIGTERM (checkpoint written, resumable)."""
+STOP_MESSAGE = ("sweep interrupted: the runs in progress stop after their current step (checkpoints written), no other "
+                "run starts; the same command resumes them")
 ALL_METHODS = ["erm", "concept:graft", "concept:clip", "concept:labels", "groupdro", "jtt", "reweight", "augment"]
 
 
@@ -137,8 +142,7 @@ def _run_parallel(todo: list[tuple[Path, list[str]]], jobs: int, logs: Path, dro
                     drop_training_state(d)
         except KeyboardInterrupt:
             stop.set()
-            print("sweep interrupted: the runs in progress stop after their current step (checkpoints written), no "
-                  "other run starts; the same command resumes them", file=sys.stderr, flush=True)
+            print(STOP_MESSAGE, file=sys.stderr, flush=True)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return failed
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             ts = time.perf_counter()
             code = debias_main(cmd)
             print(f"{d.name}: exit {code} in {time.perf_counter() - ts:.0f} s", flush=True)
+            if code in STOPPED:
+                print(STOP_MESSAGE, file=sys.stderr, flush=True)
+                return 130
             if code != 0:
                 return code
             if args.drop_training_state:

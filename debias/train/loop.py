@@ -33,7 +33,7 @@ from ..concepts import build_concepts
 from ..data import load_dataset
 from ..data.splits import Split
 from ..distributed import Dist, init_distributed
-from ..errors import DebiasError
+from ..errors import DebiasError, TrainingInterrupted
 from ..evaluate import evaluate_splits
 from ..explain import compute_matching, explain_model, probe_split
 from ..models.clip import load_clip
@@ -333,6 +333,7 @@ class Trainer:
                         bar.close()
                         self.dist.barrier()
                         raise TrainingInterrupted(
+                            stop.requested or "SIGTERM",
                             f"stopped by {stop.requested or 'a signal to another process'} after step {self.step} "
                             f"(epoch {epoch}); checkpoint "
                             f"written to {self.out / CHECKPOINT}; resume with the same command (same --out)")
@@ -562,10 +563,6 @@ class _NullWriter:
 
     def close(self) -> None:
         pass
-
-
-class TrainingInterrupted(DebiasError):
-    """SIGINT/SIGTERM: the run stopped after a step, with a checkpoint written."""
 
 
 class _StopFlag:
