@@ -46,10 +46,13 @@ def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
                             "--goal", "test"], capture_output=True, text=True)
     assert early.returncode == 2 and "--goal 'test': expected SPLIT=MIN" in early.stderr
     assert not (tmp_path / "never").exists()
-    bad = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--jobs", "2",
-                          "--out", str(tmp_path / "bad"), "--set", *TINY, "bogus=1"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "erm_bias1.0_seed0" in bad.stderr and "no compare written" in bad.stderr
-    assert "unknown recipe key 'bogus'" in (tmp_path / "bad" / "logs" / "erm_bias1.0_seed0.log").read_text()
+    for attempt in (1, 2):  # a run's log keeps every attempt, each under its own header
+        bad = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--jobs", "2",
+                              "--out", str(tmp_path / "bad"), "--set", *TINY, "bogus=1"],
+                             capture_output=True, text=True)
+        assert bad.returncode == 1 and "erm_bias1.0_seed0" in bad.stderr and "no compare written" in bad.stderr
+        log = (tmp_path / "bad" / "logs" / "erm_bias1.0_seed0.log").read_text()
+        assert log.count("unknown recipe key 'bogus'") == log.count("=== ") == attempt, log
 
 
 def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():

@@ -8,11 +8,11 @@
     python tools/sweep.py --bias 1.0 --goal test=0.99 shifted=0.95 swapped=0.95 --reference erm --out runs/sweep
 
 With ``--jobs N`` (N > 1) N worker processes (``cores // N`` torch threads each) take the runs in turn, each run's
-output in ``OUT/logs``; a worker imports torch, timm and open_clip once for all its runs. The small models here
-use a second core better as a second run than as a second thread. Ctrl-C stops the sweep: a run in progress stops
-after its current step with a checkpoint written, no other run starts, the sweep exits 130 (``--jobs 1`` too),
-and the same command resumes. Killing the
-sweep process alone (SIGTERM, even SIGKILL) stops its workers' runs the same way.
+output in ``OUT/logs`` (appended: a resumed run's log keeps its earlier attempts); a worker imports torch, timm and
+open_clip once for all its runs. The small models here use a second core better as a second run than as a second
+thread. Ctrl-C stops the sweep: a run in progress stops after its current step with a checkpoint written, no other
+run starts, the sweep exits 130 (``--jobs 1`` too), and the same command resumes. Killing the sweep process alone
+(SIGTERM, even SIGKILL) stops its workers' runs the same way.
 
 A method ``concept:SOURCE`` is the concept method with ``concept.source = SOURCE``.
 
@@ -97,7 +97,9 @@ def _run_logged(cmd: list[str], log_path: str) -> tuple[int, float] | None:
         _worker["busy"] = True
     ts = time.perf_counter()
     try:
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            # appended, one header per attempt: a resumed run's log keeps why the earlier attempts stopped
+            print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} debias {' '.join(cmd)}", flush=True)
             try:
                 code = debias_main(cmd)
             except SystemExit as exc:
