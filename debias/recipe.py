@@ -142,6 +142,8 @@ class TrainCfg:
     batch_size: int = field(default=64, metadata=_range(1, None))
     lr: float = field(default=1e-3, metadata=_range(0.0, None, lo_open=True))
     weight_decay: float = field(default=1e-4, metadata=_range(0.0, None))
+    label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    """Label smoothing of the task loss on labelled images, every method (torch's ``cross_entropy``)."""
     warmup_epochs: float = field(default=0.5, metadata=_range(0.0, None))
     device: str = "auto"
     num_workers: int = field(default=0, metadata=_range(0, 64))

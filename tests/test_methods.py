@@ -361,6 +361,32 @@ def test_stream_loss_rows_keeps_the_losses_to_the_first_rows_and_the_statistics_
     assert not torch.allclose(alone, first, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["erm", "groupdro"])
+def test_label_smoothing_reaches_the_task_loss(tmp_path, method):
+    """``train.label_smoothing = e``: the task loss is (1 - e) * cross-entropy + e * the mean over classes of
+    -log p, per image (GroupDRO's group losses are built from those)."""
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    eps = 0.2
+    recipe = load_recipe("recipes/colored_digits.toml",
+                         TINY + [f"train.method={method}", f"train.label_smoothing={eps}"])
+    t = Trainer(recipe, tmp_path, progress=False)
+    split = t.bundle.splits["train"]
+    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
+    terms = t.method.loss_terms(batch, 0)
+    with torch.no_grad():
+        logp = t.model(batch["images"]).log_softmax(-1)
+    smoothed = -(1 - eps) * logp.gather(1, batch["labels"][:, None])[:, 0] - eps * logp.mean(1)
+    plain = -logp.gather(1, batch["labels"][:, None])[:, 0]
+    assert float(terms["nll"].detach()) == pytest.approx(float(smoothed.mean()), rel=1e-5)
+    assert float(terms["nll"].detach()) != pytest.approx(float(plain.mean()), rel=1e-3)
+    if method == "groupdro":
+        groups = batch["labels"] * t.method.n_attrs + batch["attrs"]
+        worst = max(float(smoothed[groups == g].mean()) for g in groups.unique())
+        assert float(terms["worst_group_loss"]) == pytest.approx(worst, rel=1e-5)
+
+
 @pytest.mark.parametrize("model", ["resnet10t", "convnext_atto"])  # a pooled head, a head with its own norm
 def test_adversary_learns_the_concept_and_its_gradient_reaches_the_features_reversed(tmp_path, model):
     """``concept.adversary_weight``: a small network learns the concept prediction from the features the CNN's

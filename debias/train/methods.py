@@ -41,8 +41,13 @@ class Method:
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         logits = self.trainer.model(batch["images"])
-        nll = F.cross_entropy(logits, batch["labels"])
+        nll = self.task_loss(logits, batch["labels"])
         return {"loss": nll, "nll": nll}
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy on labelled images, with the recipe's ``train.label_smoothing``."""
+        return F.cross_entropy(logits, labels, reduction=reduction,
+                               label_smoothing=self.trainer.recipe.train.label_smoothing)
 
     def sample_weights(self) -> torch.Tensor | None:
         """Per-example sampling weights for the training split (None = uniform shuffling)."""
@@ -326,7 +331,7 @@ class ConceptPenalty(Method):
             q_all_stream, core_all_stream = self._stream_predictions()
             q = q_all_stream[index_u].to(x.device)
             core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
-        nll = F.cross_entropy(logits[:n], batch["labels"])
+        nll = self.task_loss(logits[:n], batch["labels"])
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
         q_all = trainer.dist.gather_rows(q.float())
         task, extra = self._with_self_training(nll, logits[n:])
@@ -370,7 +375,7 @@ class GroupDRO(Method):
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         logits = self.trainer.model(batch["images"])
-        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        losses = self.task_loss(logits, batch["labels"], reduction="none")
         groups = batch["labels"] * self.n_attrs + batch["attrs"]
         present = groups.unique()
         group_loss = torch.stack([losses[groups == g].mean() for g in present])
@@ -479,7 +484,7 @@ class Augment(Method):
         for transform in self.transforms:
             images = transform(images)
         logits = self.trainer.model(images)
-        nll = F.cross_entropy(logits, batch["labels"])
+        nll = self.task_loss(logits, batch["labels"])
         return {"loss": nll, "nll": nll}
 
 
