@@ -191,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{d.name}: exit {code} in {time.perf_counter() - ts:.0f} s", flush=True)
             if code in STOPPED:
                 print(STOP_MESSAGE, file=sys.stderr, flush=True)
-                return 130
             if code != 0:
-                return code
+                return code  # 130 / 143 for a stop: the signal's own code
             if args.drop_training_state:
                 drop_training_state(d)
     else:
