@@ -1,14 +1,17 @@
 """tools/sweep.py with worker processes: runs land where the compare expects them; a failed run is named."""
 import contextlib
+import importlib.util
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "matching.num_images=64",
         "explain.control_draws=1", "model.name=resnet10t", "train.batch_size=32"]
@@ -66,10 +69,34 @@ def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
     assert set(rows) == {"erm", "concept", "concept@concept.unlabeled_batch_size=16"}
     assert [rows[m][0] for m in ("erm", "concept", "concept@concept.unlabeled_batch_size=16")] == ["-", "8", "16"]
-    assert float(rows["erm"][2]) == 1.0
+    assert float(rows["erm"][2]) == 1.0 and rows["erm"][3] == "1.00-1.00"  # the base against itself
+    for m, row in rows.items():  # each ratio inside its own interval
+        lo, hi = map(float, row[3].split("-"))
+        assert lo <= float(row[2]) <= hi, (m, row)
     bad = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "1", "--warmup", "0", "--methods", "erm",
                           "concept@concept.bogus=1", "--set", *tiny], capture_output=True, text=True)
     assert bad.returncode == 2 and "'concept@concept.bogus=1'" in bad.stderr and "bogus" in bad.stderr
+
+
+def test_bench_step_ratio_interval_brackets_the_ratio_and_narrows_with_rounds():
+    """The bootstrap interval of the step ratio: exact for noiseless times, around the ratio of medians for noisy
+    ones, narrower with more rounds; unequal lists are refused with both lengths named."""
+    spec = importlib.util.spec_from_file_location("bench_step", "tools/bench_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.ratio_interval([0.5] * 8, [0.65] * 8) == pytest.approx((1.3, 1.3))
+    gen = torch.Generator().manual_seed(0)
+    widths = []
+    for rounds in (10, 200):
+        base = (1 + 0.2 * torch.rand(rounds, generator=gen)).tolist()
+        other = [1.25 * b * (1 + 0.1 * float(torch.rand(1, generator=gen))) for b in base]
+        lo, hi = bench.ratio_interval(base, other)
+        assert lo < statistics.median(other) / statistics.median(base) < hi
+        assert 1.2 < lo and hi < 1.5
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+    with pytest.raises(ValueError, match="got 3 and 2"):
+        bench.ratio_interval([1.0] * 3, [1.0] * 2)
 
 
 def _children(pid: int) -> list[int]:

@@ -1,7 +1,9 @@
 """Step time of each method against ERM on the same model and batch, measured side by side in one run.
 
 The trainers are built from the same recipe and seed; steps alternate between methods (A, B, A, B, ...) so
-both see the same machine state. Prints median seconds per step and the ratio to ERM, then the method's own
+both see the same machine state. Prints median seconds per step and the ratio to ERM with a 95% bootstrap interval
+(rounds resampled with replacement, each round's steps kept together, so the interval carries the step-to-step
+noise of this run; it cannot carry a change of machine state between runs), then the method's own
 once-per-epoch work (for ``concept``: re-matching and reading the unlabeled stream through the graft, measured
 with selection tracking off, the worst case; with tracking on, the matching is shared with the tracking) and the
 ratio with that work spread over an epoch's steps.
@@ -25,6 +27,29 @@ import torch
 from debias.errors import DebiasError
 from debias.recipe import load_recipe
 from debias.train.loop import Trainer
+
+
+def ratio_interval(base: list[float], other: list[float], level: float = 0.95, draws: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of ``median(other) / median(base)`` over interleaved rounds: round ``i`` holds
+    ``base[i]`` and ``other[i]``, and each draw resamples rounds (pairs) with replacement. Seeded: the same times
+    give the same interval."""
+    if len(base) != len(other) or not base:
+        raise ValueError(f"ratio_interval: expected two equally long, non-empty lists of times, got {len(base)} and "
+                         f"{len(other)}")
+    b, o = torch.tensor(base, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+    idx = torch.randint(len(b), (draws, len(b)), generator=torch.Generator().manual_seed(seed))
+    # torch's median of an even count is the lower middle value; statistics.median's is the mean of the two
+    ratios = _median(o[idx]) / _median(b[idx])
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def _median(rows: torch.Tensor) -> torch.Tensor:
+    """statistics.median of each row (the mean of the two middle values for an even count)."""
+    s = rows.sort(dim=1).values
+    n = s.shape[1]
+    return (s[:, (n - 1) // 2] + s[:, n // 2]) / 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {r.model.name}, batch {bs}, concept source {r.concept.source}, device {any_t.device}, "
           f"threads {torch.get_num_threads()}, {args.steps} steps each, interleaved; {spe} steps per epoch")
     width = max(12, *(len(m) for m in args.methods))
-    print(f"{'method':<{width}} {'stream batch':>12} {'median s/step':>14} {'ratio':>7} {'per-epoch work s':>17} "
-          f"{'epoch ratio':>12}")
+    print(f"{'method':<{width}} {'stream batch':>12} {'median s/step':>14} {'ratio':>7} {'95% interval':>13} "
+          f"{'per-epoch work s':>17} {'epoch ratio':>12}")
     for m, t in trainers.items():
         med, work = statistics.median(times[m]), statistics.median(epoch_work[m])
         stream = t.recipe.concept.unlabeled_batch_size if t.method.needs_unlabeled else "-"
-        print(f"{m:<{width}} {stream:>12} {med:>14.4f} {med / base:>7.2f} {work:>17.3f} "
+        lo, hi = ratio_interval(times[args.methods[0]], times[m])
+        print(f"{m:<{width}} {stream:>12} {med:>14.4f} {med / base:>7.2f} {f'{lo:.2f}-{hi:.2f}':>13} {work:>17.3f} "
               f"{(med * spe + work) / base_epoch:>12.2f}")
     return 0
 
