@@ -76,6 +76,8 @@ def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
     bad = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "1", "--warmup", "0", "--methods", "erm",
                           "concept@concept.bogus=1", "--set", *tiny], capture_output=True, text=True)
     assert bad.returncode == 2 and "'concept@concept.bogus=1'" in bad.stderr and "bogus" in bad.stderr
+    no_steps = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "0"], capture_output=True, text=True)
+    assert no_steps.returncode == 2 and "--steps 0" in no_steps.stderr, no_steps.stderr  # not a bare traceback
 
 
 def test_bench_step_ratio_interval_brackets_the_ratio_and_narrows_with_rounds():

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"--steps {args.steps} --warmup {args.warmup}: expected at least 1 timed step and no negative warm-up")
     trainers = {}
     tmp = tempfile.mkdtemp(prefix="bench_step.")
     if len(set(args.methods)) < len(args.methods):
