@@ -76,8 +76,19 @@ def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
     bad = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "1", "--warmup", "0", "--methods", "erm",
                           "concept@concept.bogus=1", "--set", *tiny], capture_output=True, text=True)
     assert bad.returncode == 2 and "'concept@concept.bogus=1'" in bad.stderr and "bogus" in bad.stderr
-    no_steps = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "0"], capture_output=True, text=True)
-    assert no_steps.returncode == 2 and "--steps 0" in no_steps.stderr, no_steps.stderr  # not a bare traceback
+
+
+@pytest.mark.parametrize("tool, args, named", [
+    ("bench_step.py", ["--steps", "0"], "--steps 0"),
+    ("bench_throughput.py", ["--steps", "0"], "--steps 0"),
+    ("bench_matching.py", ["--sizes", "0", "8"], "--sizes 0 8"),
+    ("bench_matching.py", ["--sizes", "8", "--model", "nosuchnet"], "'nosuchnet': not a timm model"),
+])
+def test_benchmarks_refuse_bad_input_with_a_message(tool, args, named):
+    """A benchmark given nothing to time, or a model that does not exist, exits 2 naming the value, without a
+    traceback (an empty list of times used to end in statistics' 'no median for empty data')."""
+    done = subprocess.run([sys.executable, f"tools/{tool}", *args], capture_output=True, text=True)
+    assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_bench_step_ratio_interval_brackets_the_ratio_and_narrows_with_rounds():

@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 
+from debias.errors import DebiasError
+
 
 def _vm(key: str) -> float:
     with open("/proc/self/status") as f:
@@ -66,13 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for flag, values in (("--sizes", args.sizes), ("--batch-size", [args.batch_size])):
+        if min(values) < 1:
+            p.error(f"{flag} {' '.join(map(str, values))}: expected positive counts")
     if args.child:
-        print(json.dumps(child(args.child, args.model, args.batch_size)))
+        try:
+            print(json.dumps(child(args.child, args.model, args.batch_size)))
+        except DebiasError as e:
+            print(e, file=sys.stderr)
+            return 2
         return 0
     rows = []
     for n in args.sizes:
         out = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model,
-                              "--batch-size", str(args.batch_size)], check=True, capture_output=True, text=True)
+                              "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+        if out.returncode != 0:  # the measuring child failed: its own error, not a traceback of this process
+            print(f"bench_matching: measuring {n} images failed (exit {out.returncode}):\n{out.stderr.strip()}",
+                  file=sys.stderr)
+            return out.returncode
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"matching {args.model} x digits CLIP, batch {args.batch_size}; the probe images themselves are held in "
           "memory by this benchmark (column images MB), the matching statistics are not")

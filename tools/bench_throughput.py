@@ -54,7 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="further recipe overrides (applied last)")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            p.error(f"{flag} {value}: expected at least {least}")
+    return args
 
 
 def build(args: argparse.Namespace, method: str, precision: str, tmp: str) -> Trainer:
