@@ -23,6 +23,16 @@ def test_concept_recipe_is_the_default_with_the_measured_settings():
     assert load_recipe("recipes/colored_digits_concept.toml") == swept
 
 
+def test_batch128_concept_recipe_is_the_default_with_the_measured_settings():
+    """recipes/colored_digits_concept_batch128.toml likewise: the sweep command of its figures (docs/RESULTS.md,
+    "A training batch of 128"), the step goal's setting."""
+    swept = load_recipe(DEFAULT, ["train.method=concept", "concept.source=graft", "data.bias=1.0", "concept.weight=1",
+                                  "concept.adversary_weight=1", "concept.pseudo_label_weight=3",
+                                  "concept.joint_decay=0.875", "concept.unlabeled_batch_size=40",
+                                  "train.batch_size=128", "train.epochs=32", "train.label_smoothing=0.05"])
+    assert load_recipe("recipes/colored_digits_concept_batch128.toml") == swept
+
+
 def test_override_values_are_toml_literals():
     assert parse_override("data.bias=0.5") == (["data", "bias"], 0.5)
     assert parse_override('data.colors=["a", "b"]') == (["data", "colors"], ["a", "b"])
