@@ -44,13 +44,15 @@ def _shard(n: int, dist: Dist | None) -> tuple[int, int, bool]:
 
 @torch.no_grad()
 def compute_matching(model: StandaloneModel, clip: ClipModel, split: Split, recipe: Recipe,
-                     device: torch.device, progress: bool = True, reduce=None, dist: Dist | None = None) -> Matching:
+                     device: torch.device, progress: bool = True, reduce=None, dist: Dist | None = None,
+                     pair_sums: str = "adjoint") -> Matching:
     """Stream the probe images through both models and select matched channels (memory independent of N).
 
     ``reduce`` (optional) sums the statistics across processes before selection. ``dist`` (several processes,
     identical models): each process streams a contiguous block of the probe images, with rank 0's moment shifts
     (set by its first batch and broadcast before the others accumulate), and the sums are all-reduced, so every
-    process selects the same matching, the one a single process would (up to float rounding).
+    process selects the same matching, the one a single process would (up to float rounding). ``pair_sums``:
+    how a pair of maps on different grids is summed (``MatchingStats``; ``resize`` is the benchmark's reference).
     """
     m = recipe.matching
     taps = m.standalone_taps or model.tap_names
@@ -59,7 +61,7 @@ def compute_matching(model: StandaloneModel, clip: ClipModel, split: Split, reci
     if bad:
         raise DebiasError(f"matching.standalone_taps = {taps!r}: {bad} are not taps of {model.name}; "
                           f"its taps are {model.tap_names}")
-    stats = MatchingStats({t: model.tap_channels[t] for t in taps}, clip.stage_channels(), stitch_stages)
+    stats = MatchingStats({t: model.tap_channels[t] for t in taps}, clip.stage_channels(), stitch_stages, pair_sums)
     training = model.training
     model.eval()
     n = min(m.num_images, len(split))

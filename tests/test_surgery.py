@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -18,17 +19,29 @@ def _brute(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (a.T @ b / a.shape[0]).float()
 
 
-def test_streaming_correlation_matches_brute_force():
+@pytest.mark.parametrize("pair_sums", ["adjoint", "resize"])
+def test_streaming_correlation_matches_brute_force(pair_sums):
+    """Both ways of summing a pair on the larger grid give the correlations of the explicitly resized maps:
+    a tap larger than the stage, a stage larger than the tap, equal grids, and grids that do not divide (7x7 and
+    3x5 against 4x4: bilinear weights that are not a plain repeat, down in one axis and up in the other)."""
     g = torch.Generator().manual_seed(0)
-    s = {"a": torch.randn(20, 3, 4, 4, generator=g) + 5, "b": torch.randn(20, 5, 2, 2, generator=g)}
-    c = {"layer1": torch.randn(20, 4, 4, 4, generator=g), "layer2": torch.randn(20, 6, 2, 2, generator=g)}
+    s = {"a": torch.randn(20, 3, 4, 4, generator=g) + 5, "b": torch.randn(20, 5, 2, 2, generator=g),
+         "odd": torch.randn(20, 2, 7, 7, generator=g) * 2 + 1}
+    c = {"layer1": torch.randn(20, 4, 4, 4, generator=g), "layer2": torch.randn(20, 6, 2, 2, generator=g),
+         "flat": torch.randn(20, 3, 3, 5, generator=g) - 2}
     c["layer2"][:, 0] = F.avg_pool2d(s["a"][:, 1:2], 2)[:, 0] * 3 - 1  # one planted correlation
-    stats = MatchingStats({"a": 3, "b": 5}, {"layer1": 4, "layer2": 6})
+    stats = MatchingStats({k: v.shape[1] for k, v in s.items()}, {k: v.shape[1] for k, v in c.items()},
+                          pair_sums=pair_sums)
     for i in range(0, 20, 7):  # uneven batches
         stats.update({k: v[i:i + 7] for k, v in s.items()}, {k: v[i:i + 7] for k, v in c.items()})
     for sk in s:
         for ck in c:
             assert torch.allclose(stats.correlation(sk, ck), _brute(s[sk], c[ck]), atol=1e-4), (sk, ck)
+    # the per-pair moments of a resized map: its mean and spread on the larger grid (here layer2 onto a's 4x4)
+    up = F.interpolate(c["layer2"], size=(4, 4), mode="bilinear", align_corners=False)
+    flat = up.permute(0, 2, 3, 1).reshape(-1, 6).double()
+    assert torch.allclose(stats.pair_y["a", "layer2"].mean(), flat.mean(0), atol=1e-5)
+    assert torch.allclose(stats.pair_y["a", "layer2"].var(), flat.var(0, unbiased=False), atol=1e-5)
     for sk in s:  # per-channel statistics on the tap's own grid (shared with the pairs on that grid)
         flat = s[sk].permute(0, 2, 3, 1).reshape(-1, s[sk].shape[1]).double()
         mean, std = stats.native_stats("s", sk)

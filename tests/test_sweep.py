@@ -91,6 +91,17 @@ def test_benchmarks_refuse_bad_input_with_a_message(tool, args, named):
     assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+def test_bench_matching_times_both_pair_sums_and_compares_their_channels():
+    """tools/bench_matching.py: a row per (size, pair sums), the time ratio, and whether the adjoint sums select the
+    channels the explicitly resized maps do (the same statistics up to float rounding)."""
+    done = subprocess.run([sys.executable, "tools/bench_matching.py", "--sizes", "16", "--repeats", "1", "--model",
+                           "resnet10t", "--batch-size", "8"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] == ["16"]]
+    assert [r[1] for r in rows] == ["adjoint", "resize", "images:"]
+    assert "16 images: resize / adjoint time" in done.stdout and "the same channels selected: yes" in done.stdout
+
+
 def test_bench_step_ratio_interval_brackets_the_ratio_and_narrows_with_rounds():
     """The bootstrap interval of the step ratio: exact for noiseless times, around the ratio of medians for noisy
     ones, narrower with more rounds; unequal lists are refused with both lengths named."""

@@ -1,9 +1,14 @@
-"""Matching cost vs probe-set size: peak memory and time for N probe images (default 1,000 and 4,000).
+"""Matching cost vs probe-set size: peak memory and time for N probe images (default 1,000 and 4,000), with the
+pairs of maps on different grids summed through the resize's adjoint (``adjoint``, the default) and by building the
+resized maps (``resize``, the reference), side by side.
 
-Each size runs in a fresh subprocess so its peak resident memory (VmHWM) is its own. Prints a table.
+Each (size, pair sums) runs in a fresh subprocess so its peak resident memory (VmHWM) is its own; a subprocess
+times ``--repeats`` matchings and reports the median. Prints a table, the time ratio ``resize / adjoint`` per size
+and whether the two select the same channels.
 
     python tools/bench_matching.py                 # digits CLIP + resnet18 at 32 px, 1000 vs 4000 images
-    python tools/bench_matching.py --sizes 1000 4000 --model resnet18 --batch-size 128
+    python tools/bench_matching.py --sizes 1000 4000 --model resnet18 --batch-size 128 --repeats 5
+    python tools/bench_matching.py --sizes 512 --pair-sums adjoint   # one way only
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ def _vm(key: str) -> float:
     return float("nan")
 
 
-def child(n: int, model_name: str, batch_size: int) -> dict:
+def child(n: int, model_name: str, batch_size: int, pair_sums: str, repeats: int) -> dict:
+    import statistics
     import time
 
     import torch
@@ -53,12 +59,16 @@ def child(n: int, model_name: str, batch_size: int) -> dict:
     model = StandaloneModel(model_name, 2).eval()
     clip = load_clip(recipe.clip)
     rss_before = _vm("VmRSS")
-    t0 = time.perf_counter()
-    matching = compute_matching(model, clip, split, recipe, torch.device("cpu"), progress=False)
-    seconds = time.perf_counter() - t0
-    return {"n": n, "seconds": seconds, "rss_before_mb": rss_before, "peak_rss_mb": _vm("VmHWM"),
-            "images_mb": images.numel() * 4 / 2**20,
-            "corr_mean_layer2": matching.summary()["layer2"]["corr_mean"]}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matching = compute_matching(model, clip, split, recipe, torch.device("cpu"), progress=False,
+                                    pair_sums=pair_sums)
+        times.append(time.perf_counter() - t0)
+    return {"n": n, "pair_sums": pair_sums, "seconds": statistics.median(times), "rss_before_mb": rss_before,
+            "peak_rss_mb": _vm("VmHWM"), "images_mb": images.numel() * 4 / 2**20,
+            "corr_mean_layer2": matching.summary()["layer2"]["corr_mean"],
+            "selected": {c: [m.tap.tolist(), m.channel.tolist()] for c, m in matching.stages.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,40 +76,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--pair-sums", nargs="+", default=["adjoint", "resize"], choices=["adjoint", "resize"])
+    p.add_argument("--repeats", type=int, default=3, help="matchings timed per subprocess (the median is reported)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag, values in (("--sizes", args.sizes), ("--batch-size", [args.batch_size])):
+    args.pair_sums = list(dict.fromkeys(args.pair_sums))  # each way once
+    for flag, values in (("--sizes", args.sizes), ("--batch-size", [args.batch_size]), ("--repeats", [args.repeats])):
         if min(values) < 1:
             p.error(f"{flag} {' '.join(map(str, values))}: expected positive counts")
     if args.child:
         try:
-            print(json.dumps(child(args.child, args.model, args.batch_size)))
+            print(json.dumps(child(args.child, args.model, args.batch_size, args.pair_sums[0], args.repeats)))
         except DebiasError as e:
             print(e, file=sys.stderr)
             return 2
         return 0
     rows = []
     for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model,
-                              "--batch-size", str(args.batch_size)], capture_output=True, text=True)
-        if out.returncode != 0:  # the measuring child failed: its own error, not a traceback of this process
-            print(f"bench_matching: measuring {n} images failed (exit {out.returncode}):\n{out.stderr.strip()}",
-                  file=sys.stderr)
-            return out.returncode
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"matching {args.model} x digits CLIP, batch {args.batch_size}; the probe images themselves are held in "
-          "memory by this benchmark (column images MB), the matching statistics are not")
-    print(f"{'images':>8} {'seconds':>9} {'s/1k img':>9} {'RSS before MB':>14} {'peak RSS MB':>12} "
+        for mode in args.pair_sums:
+            out = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model,
+                                  "--batch-size", str(args.batch_size), "--pair-sums", mode,
+                                  "--repeats", str(args.repeats)], capture_output=True, text=True)
+            if out.returncode != 0:  # the measuring child failed: its own error, not a traceback of this process
+                print(f"bench_matching: measuring {n} images ({mode}) failed (exit {out.returncode}):\n"
+                      f"{out.stderr.strip()}", file=sys.stderr)
+                return out.returncode
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"matching {args.model} x digits CLIP, batch {args.batch_size}, median of {args.repeats} matchings, "
+          f"{torch_threads()} threads; the probe images themselves are held in memory by this benchmark (column "
+          "images MB), the matching statistics are not")
+    print(f"{'images':>8} {'pair sums':>9} {'seconds':>9} {'s/1k img':>9} {'RSS before MB':>14} {'peak RSS MB':>12} "
           f"{'peak-before':>12} {'images MB':>10}")
     for r in rows:
-        print(f"{r['n']:>8} {r['seconds']:>9.2f} {1000 * r['seconds'] / r['n']:>9.2f} {r['rss_before_mb']:>14.0f} "
-              f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_before_mb']:>12.0f} {r['images_mb']:>10.1f}")
-    if len(rows) >= 2:
-        a, b = rows[0], rows[-1]
-        print(f"time ratio {b['seconds'] / a['seconds']:.2f} for {b['n'] / a['n']:.1f}x images; "
-              f"matching memory (peak - before) ratio "
-              f"{(b['peak_rss_mb'] - b['rss_before_mb']) / max(1e-9, a['peak_rss_mb'] - a['rss_before_mb']):.2f}")
+        print(f"{r['n']:>8} {r['pair_sums']:>9} {r['seconds']:>9.2f} {1000 * r['seconds'] / r['n']:>9.2f} "
+              f"{r['rss_before_mb']:>14.0f} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_before_mb']:>12.0f} "
+              f"{r['images_mb']:>10.1f}")
+    for n in args.sizes:
+        by_mode = {r["pair_sums"]: r for r in rows if r["n"] == n}
+        if len(by_mode) == 2:
+            a, b = by_mode["adjoint"], by_mode["resize"]
+            same = a["selected"] == b["selected"]
+            print(f"{n} images: resize / adjoint time {b['seconds'] / a['seconds']:.2f}x; "
+                  f"the same channels selected: {'yes' if same else 'NO'}")
+    if len(args.sizes) >= 2:
+        for mode in args.pair_sums:
+            mine = [r for r in rows if r["pair_sums"] == mode]
+            a, b = mine[0], mine[-1]
+            print(f"{mode}: time ratio {b['seconds'] / a['seconds']:.2f} for {b['n'] / a['n']:.1f}x images; "
+                  f"matching memory (peak - before) ratio "
+                  f"{(b['peak_rss_mb'] - b['rss_before_mb']) / max(1e-9, a['peak_rss_mb'] - a['rss_before_mb']):.2f}")
     return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@
 For every pair (standalone tap, CLIP stage) both activation maps are resized (bilinear) to the larger of the
 two grids, and every (image, position) is one sample. Only sums are kept (per channel: sum, sum of squares;
 per pair: the cross-product matrix), so memory does not grow with the number of probe images and the
-statistics of several processes add up (``all_reduce``). Per-channel mean and std on each tap's own grid are
+statistics of several processes add up (``all_reduce``). The resized map is never built: bilinear resizing is
+a linear map ``R(y) = Wh y Ww^T`` whose rows sum to one, so the pair's sums on the larger grid follow from the
+smaller map on its own grid (``sum R(y) = sum (R^T 1) y``, ``sum R(y)^2 = sum y (Wh^T Wh) y (Ww^T Ww)``, and the
+cross products ``sum x R(y) = sum R^T(x) y``, the larger map projected down by the adjoint): a deep tap against an
+early stage costs its small grid, not the large one (``pair_sums = "resize"`` builds the resized maps, the
+reference the benchmark compares with). Per-channel mean and std on each tap's own grid are
 kept for the graft's rescaling, and, for the ``stitch`` graft, the normal equations of a ridge regression from
 all standalone taps to each CLIP stage.
 """
@@ -34,6 +39,21 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 _Memo = dict[tuple[str, str, tuple[int, int]], tuple[torch.Tensor, ...]]
+
+
+def _axis_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in): the weights of ``F.interpolate``'s bilinear resize (``align_corners=False``) along one axis;
+    row i says how much each input position gives output position i (every row sums to one)."""
+    eye = torch.eye(n_in, dtype=torch.float32).reshape(n_in, 1, n_in, 1)
+    return F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T.contiguous()
+
+
+def _resize_weights(src: tuple[int, int], dst: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(wh, ww)`` with ``R(y) = wh @ y @ ww.T`` the bilinear resize from grid ``src`` to ``dst``, then ``R^T 1``
+    (the weight of each source position in the resized map's sum) and the Gram factors ``wh.T @ wh``,
+    ``ww.T @ ww`` (a resized map's sum of squares)."""
+    wh, ww = _axis_weights(src[0], dst[0]).to(device), _axis_weights(src[1], dst[1]).to(device)
+    return wh, ww, torch.outer(wh.sum(0), ww.sum(0)), wh.T @ wh, ww.T @ ww
 
 
 def _grid(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
@@ -69,6 +89,29 @@ class _Moments:
         self.ss = self.ss.to(x.device) + ss
         return xc
 
+    def update_resized(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], memo: _Memo | None = None,
+                       key=None) -> torch.Tensor:
+        """Add the samples of ``x`` (N, C, h, w) resized to a larger grid by ``weights`` (``_resize_weights``),
+        without building the resized maps; returns ``x`` centred by the shift, on its own grid (centring commutes
+        with the resize: its rows sum to one)."""
+        wh, ww, wsum, gh, gw = weights
+        count = x.shape[0] * wh.shape[0] * ww.shape[0]
+        if self.shift is None:
+            self.shift = ((x * wsum).sum((0, 2, 3)) / count).detach().to(torch.float32)
+        hit = memo.get(key) if memo is not None else None
+        if hit is not None and torch.equal(hit[0], self.shift):
+            xc, s, ss = hit[1:]
+        else:
+            xc = x - self.shift.to(x.device).view(1, -1, 1, 1)
+            s = (xc * wsum).sum((0, 2, 3)).double()
+            ss = ((gh @ xc @ gw) * xc).sum((0, 2, 3)).double()
+            if memo is not None:
+                memo[key] = (self.shift, xc, s, ss)
+        self.n = self.n.to(x.device) + count
+        self.s = self.s.to(x.device) + s
+        self.ss = self.ss.to(x.device) + ss
+        return xc
+
     def mean(self) -> torch.Tensor:
         return self.s / self.n + self.shift.double().to(self.s.device)
 
@@ -88,7 +131,11 @@ class _Moments:
 class MatchingStats:
     """Streaming statistics for matching ``standalone`` taps to ``clip`` stages (dicts name -> channels)."""
 
-    def __init__(self, standalone: dict[str, int], clip: dict[str, int], stitch_stages: tuple[str, ...] = ()):
+    def __init__(self, standalone: dict[str, int], clip: dict[str, int], stitch_stages: tuple[str, ...] = (),
+                 pair_sums: str = "adjoint"):
+        if pair_sums not in ("adjoint", "resize"):
+            raise DebiasError(f"pair_sums = {pair_sums!r}: expected 'adjoint' or 'resize'")
+        self.pair_sums = pair_sums
         self.standalone = dict(standalone)
         self.clip = dict(clip)
         self.stitch_stages = tuple(stitch_stages)
@@ -126,11 +173,42 @@ class MatchingStats:
             feed(self.native["s", s], "s", s, s_taps[s], tuple(s_taps[s].shape[-2:]))
         for c in self.clip:
             feed(self.native["c", c], "c", c, c_taps[c], tuple(c_taps[c].shape[-2:]))
+        weights: dict[tuple[tuple[int, int], tuple[int, int]], tuple[torch.Tensor, ...]] = {}
+        down: dict[tuple[str, str, tuple[int, int]], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def smaller(moments: _Moments, side: str, name: str, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+            """The map on the smaller grid of a pair, centred, as samples (N*h*w, C) of its own grid."""
+            grid = tuple(x.shape[-2:])
+            if (grid, size) not in weights:
+                weights[grid, size] = _resize_weights(grid, size, x.device)
+            xc = moments.update_resized(x.float(), weights[grid, size], memo, (side, name, size, "resized"))
+            return _flat(xc)
+
+        def projected(xc: torch.Tensor, side: str, name: str, shape: torch.Size, grid: tuple[int, int]):
+            """Centred samples ``xc`` (N*H*W, C) of a map on the larger grid, projected by the resize's adjoint
+            onto the smaller ``grid``: (N*h*w, C)."""
+            key = (side, name, grid)
+            if key not in down or down[key][0] is not xc:  # memo: the same centred samples, the same grid
+                n, ch, h, w = shape
+                wh, ww = weights[grid, (h, w)][:2]
+                down[key] = (xc, _flat(wh.T @ xc.view(n, h, w, ch).permute(0, 3, 1, 2) @ ww))
+            return down[key][1]
+
         for s in self.standalone:
             for c in self.clip:
                 size = _grid(s_taps[s], c_taps[c])
-                x = feed(self.pair_x[s, c], "s", s, s_taps[s], size)
-                y = feed(self.pair_y[s, c], "c", c, c_taps[c], size)
+                s_grid, c_grid = tuple(s_taps[s].shape[-2:]), tuple(c_taps[c].shape[-2:])
+                if self.pair_sums == "resize" or s_grid == c_grid:
+                    x = feed(self.pair_x[s, c], "s", s, s_taps[s], size)
+                    y = feed(self.pair_y[s, c], "c", c, c_taps[c], size)
+                elif s_grid == size:  # the CLIP stage is resized up to the tap's grid
+                    y = smaller(self.pair_y[s, c], "c", c, c_taps[c], size)
+                    x = feed(self.pair_x[s, c], "s", s, s_taps[s], size)
+                    x = projected(x, "s", s, s_taps[s].shape, c_grid)
+                else:  # the tap is resized up to the CLIP stage's grid
+                    x = smaller(self.pair_x[s, c], "s", s, s_taps[s], size)
+                    y = feed(self.pair_y[s, c], "c", c, c_taps[c], size)
+                    y = projected(y, "c", c, c_taps[c].shape, s_grid)
                 self.pair_xy[s, c] = self.pair_xy[s, c].to(x.device) + (x.T @ y).double()
         for c in self.stitch_stages:
             size = tuple(c_taps[c].shape[-2:])
