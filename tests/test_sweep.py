@@ -102,6 +102,23 @@ def test_bench_matching_times_both_pair_sums_and_compares_their_channels():
     assert "16 images: resize / adjoint time" in done.stdout and "the same channels selected: yes" in done.stdout
 
 
+def test_bench_throughput_prints_each_step_ratio_with_its_interval(tmp_path):
+    """tools/bench_throughput.py, shrunk to the digits CLIP and a small model on CPU: the step ratio to the first
+    method comes with its bootstrap interval (the base's own is 1.00-1.00), in the table and the JSON; the header
+    names the model, CLIP and image size that ran, not the paper scale's."""
+    done = subprocess.run([sys.executable, "tools/bench_throughput.py", "--precisions", "fp32", "--steps", "3",
+                           "--json", str(tmp_path / "rows.json"), "--set", "data.image_size=32", "model.name=resnet10t",
+                           'clip.name="digits"', 'clip.pretrained=""'], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("resnet10t + digits (model pretrained False, CLIP weights shipped), 32 px")
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["erm", "concept"]
+    assert rows[0]["step_ratio_interval"] == [1.0, 1.0]
+    lo, hi = rows[1]["step_ratio_interval"]
+    assert lo <= rows[1]["step_ratio"] <= hi
+    assert f"{lo:.2f}-{hi:.2f}" in done.stdout.splitlines()[-1]
+
+
 def test_bench_step_ratio_interval_brackets_the_ratio_and_narrows_with_rounds():
     """The bootstrap interval of the step ratio: exact for noiseless times, around the ratio of medians for noisy
     ones, narrower with more rounds; unequal lists are refused with both lengths named."""

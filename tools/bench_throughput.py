@@ -6,7 +6,9 @@ precision) gets its own Trainer built from the recipe plus overrides; the two me
 erm, ...) on the same fixed training batch so both see the same machine state; one step is the full
 ``Trainer.train_step`` (forward under autocast, backward, optimizer and schedule; for ``concept`` also the
 unlabeled-stream batch, the graft's forward and the penalty). Images per second count the training batch only (the
-concept method's unlabeled batch, ``concept.unlabeled_batch_size`` images, is extra work it does per step).
+concept method's unlabeled batch, ``concept.unlabeled_batch_size`` images, is extra work it does per step). The
+step ratio to the first method carries a 95% bootstrap interval over the interleaved rounds (``tools/bench_step.py``'s
+``ratio_interval``).
 
     python tools/bench_throughput.py                                  # CUDA: batch 128, fp32 and bf16
     python tools/bench_throughput.py --batch-size 64 --channels-last --steps 50
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from debias.recipe import load_recipe  # noqa: E402
 from debias.train.loop import Trainer  # noqa: E402
+from tools.bench_step import ratio_interval  # noqa: E402
 
 PAPER_SCALE = ["data.image_size=224", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=1",
                "model.name=resnet50", "model.pretrained=false", 'clip.name="RN50-quickgelu"',
@@ -105,19 +108,25 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"method": m, "precision": precision, "batch": args.batch_size,
                          "unlabeled_batch": trainers[m].recipe.concept.unlabeled_batch_size
                          if trainers[m].method.needs_unlabeled else 0,
-                         "step_s_median": med, "images_per_s": args.batch_size / med, "step_ratio": med / base})
-        device = any_t.device
+                         "step_s_median": med, "images_per_s": args.batch_size / med, "step_ratio": med / base,
+                         "step_ratio_interval": ratio_interval(times[args.methods[0]], times[m])})
+        device, recipe = any_t.device, any_t.recipe
         del trainers, any_t
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"resnet50 + RN50-quickgelu (random weights), 224 px, device {device} ({name}), torch {torch.__version__}, "
+    weights = "random weights" if not recipe.model.pretrained and recipe.clip.pretrained == "random" else (
+        f"model pretrained {recipe.model.pretrained}, CLIP weights {recipe.clip.pretrained or 'shipped'}")
+    print(f"{recipe.model.name} + {recipe.clip.name} ({weights}), {recipe.data.image_size} px, device {device} "
+          f"({name}), torch {torch.__version__}, "
           f"channels_last {args.channels_last}, {args.steps} timed steps after {args.warmup} warm-up, interleaved")
     print(f"{'method':<10} {'precision':<9} {'batch':>5} {'+unlab':>6} {'median step s':>14} {'images/s':>9} "
-          f"{'step x ' + args.methods[0]:>10}")
+          f"{'step x ' + args.methods[0]:>10} {'95% interval':>13}")
     for r in rows:
+        lo, hi = r["step_ratio_interval"]
         print(f"{r['method']:<10} {r['precision']:<9} {r['batch']:>5} {r['unlabeled_batch']:>6} "
-              f"{r['step_s_median']:>14.4f} {r['images_per_s']:>9.1f} {r['step_ratio']:>10.2f}")
+              f"{r['step_s_median']:>14.4f} {r['images_per_s']:>9.1f} {r['step_ratio']:>10.2f} "
+              f"{f'{lo:.2f}-{hi:.2f}':>13}")
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "device_name": name, "rows": rows}, indent=2))
     return 0
