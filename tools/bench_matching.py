@@ -68,7 +68,8 @@ def child(n: int, model_name: str, batch_size: int, pair_sums: str, repeats: int
     return {"n": n, "pair_sums": pair_sums, "seconds": statistics.median(times), "rss_before_mb": rss_before,
             "peak_rss_mb": _vm("VmHWM"), "images_mb": images.numel() * 4 / 2**20,
             "corr_mean_layer2": matching.summary()["layer2"]["corr_mean"],
-            "selected": {c: [m.tap.tolist(), m.channel.tolist()] for c, m in matching.stages.items()}}
+            "selected": {c: [m.tap.tolist(), m.channel.tolist()] for c, m in matching.stages.items()},
+            "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.pair_sums:
             out = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", args.model,
                                   "--batch-size", str(args.batch_size), "--pair-sums", mode,
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True)
+                                  "--repeats", str(args.repeats)], capture_output=True, text=True,
+                                 check=False)
             if out.returncode != 0:  # the measuring child failed: its own error, not a traceback of this process
                 print(f"bench_matching: measuring {n} images ({mode}) failed (exit {out.returncode}):\n"
                       f"{out.stderr.strip()}", file=sys.stderr)
                 return out.returncode
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"matching {args.model} x digits CLIP, batch {args.batch_size}, median of {args.repeats} matchings, "
-          f"{torch_threads()} threads; the probe images themselves are held in memory by this benchmark (column "
+          f"{rows[0]['threads']} threads; the probe images themselves are held in memory by this benchmark (column "
           "images MB), the matching statistics are not")
     print(f"{'images':>8} {'pair sums':>9} {'seconds':>9} {'s/1k img':>9} {'RSS before MB':>14} {'peak RSS MB':>12} "
           f"{'peak-before':>12} {'images MB':>10}")
@@ -126,12 +128,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"matching memory (peak - before) ratio "
                   f"{(b['peak_rss_mb'] - b['rss_before_mb']) / max(1e-9, a['peak_rss_mb'] - a['rss_before_mb']):.2f}")
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

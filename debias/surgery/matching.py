@@ -14,6 +14,7 @@ all standalone taps to each CLIP stage.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,7 +39,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-_Memo = dict[tuple[str, str, tuple[int, int]], tuple[torch.Tensor, ...]]
+_Memo = dict[tuple, tuple[torch.Tensor, ...]]
 
 
 def _axis_weights(n_in: int, n_out: int) -> torch.Tensor:
@@ -48,10 +49,12 @@ def _axis_weights(n_in: int, n_out: int) -> torch.Tensor:
     return F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T.contiguous()
 
 
+@functools.lru_cache(maxsize=64)
 def _resize_weights(src: tuple[int, int], dst: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
     """``(wh, ww)`` with ``R(y) = wh @ y @ ww.T`` the bilinear resize from grid ``src`` to ``dst``, then ``R^T 1``
     (the weight of each source position in the resized map's sum) and the Gram factors ``wh.T @ wh``,
-    ``ww.T @ ww`` (a resized map's sum of squares)."""
+    ``ww.T @ ww`` (a resized map's sum of squares). Cached: a model's grids are the same for every batch (the
+    tensors are only read)."""
     wh, ww = _axis_weights(src[0], dst[0]).to(device), _axis_weights(src[1], dst[1]).to(device)
     return wh, ww, torch.outer(wh.sum(0), ww.sum(0)), wh.T @ wh, ww.T @ ww
 
@@ -173,26 +176,18 @@ class MatchingStats:
             feed(self.native["s", s], "s", s, s_taps[s], tuple(s_taps[s].shape[-2:]))
         for c in self.clip:
             feed(self.native["c", c], "c", c, c_taps[c], tuple(c_taps[c].shape[-2:]))
-        weights: dict[tuple[tuple[int, int], tuple[int, int]], tuple[torch.Tensor, ...]] = {}
-        down: dict[tuple[str, str, tuple[int, int]], tuple[torch.Tensor, torch.Tensor]] = {}
 
         def smaller(moments: _Moments, side: str, name: str, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
             """The map on the smaller grid of a pair, centred, as samples (N*h*w, C) of its own grid."""
-            grid = tuple(x.shape[-2:])
-            if (grid, size) not in weights:
-                weights[grid, size] = _resize_weights(grid, size, x.device)
-            xc = moments.update_resized(x.float(), weights[grid, size], memo, (side, name, size, "resized"))
-            return _flat(xc)
+            weights = _resize_weights(tuple(x.shape[-2:]), size, x.device)
+            return _flat(moments.update_resized(x.float(), weights, memo, (side, name, size, "resized")))
 
-        def projected(xc: torch.Tensor, side: str, name: str, shape: torch.Size, grid: tuple[int, int]):
+        def projected(xc: torch.Tensor, shape: torch.Size, grid: tuple[int, int]) -> torch.Tensor:
             """Centred samples ``xc`` (N*H*W, C) of a map on the larger grid, projected by the resize's adjoint
             onto the smaller ``grid``: (N*h*w, C)."""
-            key = (side, name, grid)
-            if key not in down or down[key][0] is not xc:  # memo: the same centred samples, the same grid
-                n, ch, h, w = shape
-                wh, ww = weights[grid, (h, w)][:2]
-                down[key] = (xc, _flat(wh.T @ xc.view(n, h, w, ch).permute(0, 3, 1, 2) @ ww))
-            return down[key][1]
+            n, ch, h, w = shape
+            wh, ww = _resize_weights(grid, (h, w), xc.device)[:2]
+            return _flat(wh.T @ xc.view(n, h, w, ch).permute(0, 3, 1, 2) @ ww)
 
         for s in self.standalone:
             for c in self.clip:
@@ -204,11 +199,11 @@ class MatchingStats:
                 elif s_grid == size:  # the CLIP stage is resized up to the tap's grid
                     y = smaller(self.pair_y[s, c], "c", c, c_taps[c], size)
                     x = feed(self.pair_x[s, c], "s", s, s_taps[s], size)
-                    x = projected(x, "s", s, s_taps[s].shape, c_grid)
+                    x = projected(x, s_taps[s].shape, c_grid)
                 else:  # the tap is resized up to the CLIP stage's grid
                     x = smaller(self.pair_x[s, c], "s", s, s_taps[s], size)
                     y = feed(self.pair_y[s, c], "c", c, c_taps[c], size)
-                    y = projected(y, "c", c, c_taps[c].shape, s_grid)
+                    y = projected(y, c_taps[c].shape, s_grid)
                 self.pair_xy[s, c] = self.pair_xy[s, c].to(x.device) + (x.T @ y).double()
         for c in self.stitch_stages:
             size = tuple(c_taps[c].shape[-2:])
