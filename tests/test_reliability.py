@@ -135,7 +135,7 @@ def test_crafted_checkpoint_is_refused_without_running_code(tmp_path, capsys):
             return (os.system, (f"touch {marker}",))
 
     with open(out / "checkpoint.pt", "wb") as f:
-        pickle.dump({"model": Evil()}, f)
+        pickle.dump({"model": Evil()}, f, protocol=2)  # torch.save's protocol: the refusal, not a protocol warning
     code = main(["train", RECIPE, "--out", str(out), "--no-progress", "--set", *TINY])
     err = capsys.readouterr().err
     assert code == 2 and "refused to load" in err and "checkpoint.pt" in err
