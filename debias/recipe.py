@@ -167,7 +167,9 @@ class ConceptPenaltyCfg:
     image, or the true attribute (an oracle, for ablation)."""
     unlabeled_batch_size: int = field(default=16, metadata=_range(2, None))
     rematch_every: int = field(default=1, metadata=_range(0, None))
-    """Re-run matching every N epochs (0 = only once, before training)."""
+    """With ``source = 'graft'``: match the model to CLIP again for the penalty's graft every N epochs (0 = only
+    once, before training). The per-epoch tracking (``selection.track_concepts``) matches every epoch for its own
+    read-out whatever N is; the penalty shares that matching on its due epochs and keeps its older graft between."""
     graft_read: str = field(default="match", metadata=_choices("match", "step"))
     """With ``source = 'graft'``: ``match`` reads the whole stream through the graft once per (re-)matching, with
     the model of that moment, and keeps those predictions until the next matching; ``step`` reads each stream

@@ -300,6 +300,48 @@ def test_graft_read_once_per_matching_and_per_step(tmp_path):
                  "--set", *TINY, "concept.graft_read=step"]) == 0
 
 
+def test_rematch_schedule_holds_the_penalty_graft_while_the_tracking_rematches(tmp_path):
+    """``concept.rematch_every`` decides when the penalty's graft is matched again, with the per-epoch tracking on
+    as well (it matches the model every epoch for the dominance): with 0 the penalty keeps the first graft; with 1 it
+    takes the tracking's matching of the same model, without matching it a second time. A checkpoint holds the
+    penalty's own matching when it is older than the trainer's, and a resumed method rebuilds that graft."""
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    def trainer(every: int, name: str) -> Trainer:
+        recipe = load_recipe("recipes/colored_digits.toml", TINY + [
+            "train.method=concept", f"concept.rematch_every={every}", "concept.graft_read=step",
+            "selection.track_concepts=true"])
+        return Trainer(recipe, tmp_path / name, progress=False)
+
+    for every in (0, 1):
+        t = trainer(every, f"every{every}")
+        t.epoch = 0
+        t.method.on_epoch_start(0)
+        first = t.method.graft
+        assert first is t.graft and t.method.graft_epoch == t.matching_epoch == 0
+        images, labels, attrs = next(iter(t.train_loader(0)))
+        t.train_step({"images": images, "labels": labels, "attrs": attrs})
+        t.step, t.epoch = 1, 1
+        t.rematch()  # what the end-of-epoch tracking does with the trained model
+        tracked, matching = t.graft, t.matching
+        assert tracked is not first and t.matching_epoch == 1
+        t.method.on_epoch_start(1)
+        assert t.matching is matching  # never a second matching of the same model
+        if every == 0:
+            assert t.method.graft is first and t.method.graft_epoch == 0
+            state = t.method.state_dict()
+            restored = trainer(every, "restored").method
+            restored.load_state_dict(state)
+            restored._restore_graft()
+            assert restored.graft_epoch == 0
+            saved, rebuilt = first.matching.state_dict(), restored.graft.matching.state_dict()
+            assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)
+        else:
+            assert t.method.graft is tracked and t.method.graft_epoch == 1
+            assert "graft_matching" not in t.method.state_dict()  # the trainer's checkpoint holds it
+
+
 def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_path):
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer

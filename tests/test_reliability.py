@@ -151,8 +151,10 @@ def _metrics_without_timing(path: Path) -> dict:
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     args = [sys.executable, "-m", "debias", "train", RECIPE, "--no-progress", "--set", *TINY, "train.epochs=3",
             "train.method=concept", "concept.unlabeled_batch_size=8", "selection.track_concepts=true",
-            "concept.joint_decay=0.9", "concept.adversary_weight=1", "concept.adversary_memory=2"]
-    # the running joint and the adversary with its memory are method state a resumed run must restore
+            "concept.joint_decay=0.9", "concept.adversary_weight=1", "concept.adversary_memory=2",
+            "concept.rematch_every=2"]
+    # the running joint, the adversary with its memory and the penalty's graft (matched at epoch 0 and kept through
+    # epoch 1 while the tracking matches every epoch) are method state a resumed run must restore
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
     t0 = time.perf_counter()

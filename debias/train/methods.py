@@ -174,6 +174,14 @@ class ConceptPenalty(Method):
         """With ``core_weight > 0``: the core concept's caption prediction of the stream, read with ``graft_q``."""
         self.graft_q_epoch = -1
         """The matching epoch ``graft_q`` was read with (``graft_read = 'match'``)."""
+        self.graft = None
+        """``source = 'graft'``: the graft the penalty reads, rebuilt on ``rematch_every``'s schedule. The trainer's
+        own graft (``trainer.graft``) follows the per-epoch tracking, which re-matches every epoch: it is shared
+        when both are due at once (the same model), never read in between."""
+        self.graft_epoch = -1
+        """The epoch of the matching ``graft`` was built from (-1: none yet)."""
+        self._graft_state: dict[str, torch.Tensor] | None = None
+        """A restored checkpoint's own matching for ``graft``, rebuilt when first needed."""
         self.joint: torch.Tensor | None = None
         """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
         self.adversary: torch.nn.Module | None = None
@@ -213,12 +221,31 @@ class ConceptPenalty(Method):
         every, trainer = self.cfg.rematch_every, self.trainer
         if self.cfg.source != "graft":
             return
-        due = trainer.graft is None or (every and epoch % every == 0 and trainer.matching_step != trainer.step)
-        if due:  # the end-of-epoch tracking may already have matched this very model
-            trainer.rematch()
-        if self.cfg.graft_read == "match" and self.graft_q_epoch != trainer.matching_epoch:
+        self._restore_graft()
+        if self.graft is None or (every and epoch % every == 0 and self.graft_epoch != epoch):
+            if trainer.graft is None or trainer.matching_step != trainer.step:
+                trainer.rematch()  # else the end-of-epoch tracking has just matched this very model: shared
+            self.graft, self.graft_epoch = trainer.graft, trainer.matching_epoch
+        if self.cfg.graft_read == "match" and self.graft_q_epoch != self.graft_epoch:
             self.graft_q, self.graft_core = self._read_stream_through_graft()
-            self.graft_q_epoch = trainer.matching_epoch
+            self.graft_q_epoch = self.graft_epoch
+
+    def _restore_graft(self) -> None:
+        """After a resume: the penalty's graft from the checkpoint, its own matching or else the trainer's (the same
+        one when the checkpoint was written; an older checkpoint without the method's entry: the trainer's)."""
+        trainer = self.trainer
+        if self.graft is not None or (self.graft_epoch < 0 and self._graft_state is None):
+            return
+        if self._graft_state is not None:
+            from ..explain import build_graft
+            from ..surgery.matching import Matching
+
+            matching = Matching.from_state_dict(self._graft_state, trainer.net.tap_names,
+                                                trainer.recipe.matching.selection)
+            self.graft = build_graft(trainer.clip, matching, trainer.recipe).to(trainer.device)
+            self._graft_state = None
+        elif trainer.graft is not None:
+            self.graft, self.graft_epoch = trainer.graft, trainer.matching_epoch
 
     def _caption_predictions(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The spurious and (with ``core_weight``) core concept's caption predictions of image embeddings."""
@@ -245,7 +272,7 @@ class ConceptPenalty(Method):
         trainer, net = self.trainer, self.trainer.net
         training = net.training
         net.eval()
-        out = self._read_stream(lambda images: trainer.graft(images, net(images, taps=True)[1]))
+        out = self._read_stream(lambda images: self.graft(images, net(images, taps=True)[1]))
         net.train(training)
         return out
 
@@ -262,6 +289,10 @@ class ConceptPenalty(Method):
             state.update(graft_q=self.graft_q.clone(), graft_q_epoch=torch.tensor(self.graft_q_epoch))
         if self.graft_core is not None:
             state["graft_core"] = self.graft_core.clone()
+        if self.graft is not None:
+            state["graft_epoch"] = torch.tensor(self.graft_epoch)
+            if self.graft is not self.trainer.graft:  # an older matching than the trainer's: the checkpoint's own
+                state["graft_matching"] = self.graft.matching.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -276,6 +307,9 @@ class ConceptPenalty(Method):
             self.graft_q_epoch = int(state["graft_q_epoch"])
         if "graft_core" in state:
             self.graft_core = state["graft_core"].clone()
+        if "graft_epoch" in state:
+            self.graft, self.graft_epoch = None, int(state["graft_epoch"])
+            self._graft_state = state.get("graft_matching")
 
     def _loss_rows(self, local: int) -> int:
         """How many of this process's ``local`` stream rows carry the losses: those among the first
@@ -313,10 +347,13 @@ class ConceptPenalty(Method):
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
         graft_step = self.cfg.source == "graft" and self.cfg.graft_read == "step"
+        if self.cfg.source == "graft":
+            self._restore_graft()
+            if self.graft is None:  # an older checkpoint, or a step before any epoch start: the trainer's graft
+                self.graft, self.graft_epoch = trainer.graft, trainer.matching_epoch
         if self.cfg.source == "graft" and not graft_step and self.graft_q is None:
             # a checkpoint written before the stream was read (an older version)
-            (self.graft_q, self.graft_core), self.graft_q_epoch = (self._read_stream_through_graft(),
-                                                                   trainer.matching_epoch)
+            (self.graft_q, self.graft_core), self.graft_q_epoch = self._read_stream_through_graft(), self.graft_epoch
         # one forward (DDP's, when distributed); its taps feed the per-step graft read and the adversary
         logits, taps = model(x, taps=True) if graft_step or self.adversary is not None else (model(x), None)
         rows = self._loss_rows(len(images_u))
@@ -325,8 +362,8 @@ class ConceptPenalty(Method):
             taps = None if taps is None else {name: v[:n + rows] for name, v in taps.items()}
         if graft_step:
             with torch.no_grad():
-                q, core_q = self._caption_predictions(trainer.graft(images_u, {k: v[n:].detach()
-                                                                               for k, v in taps.items()}))
+                q, core_q = self._caption_predictions(self.graft(images_u, {k: v[n:].detach()
+                                                                            for k, v in taps.items()}))
         else:
             q_all_stream, core_all_stream = self._stream_predictions()
             q = q_all_stream[index_u].to(x.device)
