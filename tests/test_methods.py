@@ -342,6 +342,24 @@ def test_rematch_schedule_holds_the_penalty_graft_while_the_tracking_rematches(t
             assert "graft_matching" not in t.method.state_dict()  # the trainer's checkpoint holds it
 
 
+def test_a_trailing_batch_of_one_image_is_skipped(tmp_path):
+    """BatchNorm cannot take batch statistics of one image: a training split that leaves one image after its last
+    full batch trains without it (and the step count says so) instead of failing in every epoch's last step."""
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    n = len(Trainer(load_recipe("recipes/colored_digits.toml", TINY), tmp_path / "n", progress=False)
+            .bundle.splits["train"])
+    for method in ("erm", "jtt"):  # a shuffled split, and a weighted sampler
+        t = Trainer(load_recipe("recipes/colored_digits.toml", TINY + [f"train.batch_size={n - 1}",
+                                                                      f"train.method={method}"]),
+                    tmp_path / method, progress=False)
+        batches = list(t.train_loader(0))
+        assert t.steps_per_epoch == len(batches) == 1 and len(batches[0][1]) == n - 1
+        images, labels, attrs = batches[0]
+        assert t.train_step({"images": images, "labels": labels, "attrs": attrs})["loss"] > 0
+
+
 def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_path):
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer

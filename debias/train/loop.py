@@ -105,8 +105,8 @@ class Trainer:
             groups.append({"params": self.method.parameters()})
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         n_train = len(self.bundle.splits["train"])
-        # a trailing batch too small to give every process an image is dropped (never with one process)
-        self.steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size >= self.dist.world))
+        # a trailing batch too small to give every process two images is dropped (BatchNorm needs two)
+        self.steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size >= 2 * self.dist.world))
         self.total_steps = total = self.steps_per_epoch * t.epochs
         warmup = int(round(t.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine_with_warmup(total, warmup))
@@ -166,19 +166,14 @@ class Trainer:
         split.set_epoch(epoch)
         gen = torch.Generator().manual_seed(self.recipe.seed * 7_919 + epoch)
         weights = self.method.sample_weights()
-        if self.dist.active:  # the same global batches as one process would draw; this rank loads its share
-            t = self.recipe.train
-            sampler = (RandomSampler(split, generator=gen) if weights is None else
-                       WeightedRandomSampler(weights.double(), num_samples=len(split), replacement=True, generator=gen))
-            shares = _RankShares(BatchSampler(sampler, t.batch_size, drop_last=False), self.dist)
-            return DataLoader(split, batch_sampler=shares, num_workers=t.num_workers,
-                              generator=gen if weights is None else None)
-        if weights is not None:
-            sampler = WeightedRandomSampler(weights.double(), num_samples=len(split), replacement=True, generator=gen)
-            return DataLoader(split, batch_size=self.recipe.train.batch_size, sampler=sampler,
-                              num_workers=self.recipe.train.num_workers)
-        return DataLoader(split, batch_size=self.recipe.train.batch_size, shuffle=True, generator=gen,
-                          num_workers=self.recipe.train.num_workers)
+        # the same global batches on any number of processes (this rank loads its share); a trailing batch too small
+        # for BatchNorm's batch statistics (under 2 images a process) is skipped
+        t = self.recipe.train
+        sampler = (RandomSampler(split, generator=gen) if weights is None else
+                   WeightedRandomSampler(weights.double(), num_samples=len(split), replacement=True, generator=gen))
+        shares = _RankShares(BatchSampler(sampler, t.batch_size, drop_last=False), self.dist)
+        return DataLoader(split, batch_sampler=shares, num_workers=t.num_workers,
+                          generator=gen if weights is None else None)
 
     def next_unlabeled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch of the unlabeled stream: images and their indices in the stream (labels withheld)."""
@@ -539,20 +534,21 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class _RankShares(Sampler[list[int]]):
-    """This process's stride share ``batch[rank::world]`` of every global batch of ``batches``; a trailing batch
-    with fewer images than processes is skipped (by every process alike)."""
+    """This process's stride share ``batch[rank::world]`` of every global batch of ``batches`` (one process: every
+    batch whole); a trailing batch with fewer than two images per process is skipped (by every process alike):
+    BatchNorm cannot take batch statistics of one image."""
 
     def __init__(self, batches: BatchSampler, dist: Dist):
         self.batches, self.dist = batches, dist
 
     def __iter__(self):
         for batch in self.batches:
-            if len(batch) >= self.dist.world:
+            if len(batch) >= 2 * self.dist.world:
                 yield batch[self.dist.rank::self.dist.world]
 
     def __len__(self) -> int:
         n, size = len(self.batches.sampler), self.batches.batch_size
-        return n // size + (n % size >= self.dist.world)
+        return n // size + (n % size >= 2 * self.dist.world)
 
 
 class _NullWriter:
