@@ -85,10 +85,15 @@ TIE = 0.05
 
 
 def alignment(predictions: torch.Tensor, embeddings: torch.Tensor, text: torch.Tensor) -> float:
-    """Normalised mutual information between class predictions and the caption each embedding is closest to."""
+    """Normalised mutual information between class predictions and the caption each embedding is closest to.
+
+    0 when either is constant (one class predicted for every image, or one caption read for every image): neither
+    then follows the other. scikit-learn scores two constant labellings 1.0, a perfect agreement."""
     if len(predictions) == 0:
         return float("nan")
     captions = (embeddings @ text.T.to(embeddings.device)).argmax(1)
+    if predictions.unique().numel() < 2 or captions.unique().numel() < 2:
+        return 0.0
     return float(normalized_mutual_info_score(predictions.cpu().numpy(), captions.cpu().numpy()))
 
 

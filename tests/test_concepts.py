@@ -30,6 +30,10 @@ def test_alignment_is_one_when_equal_and_zero_when_independent():
     assert alignment(attrs, text[attrs], text) == 1.0
     assert alignment(1 - attrs, text[attrs], text) == 1.0  # a relabelling is still full dependence
     assert abs(alignment(labels, text[attrs], text)) < 1e-9
+    # one class predicted for every image, one caption read for every image: nothing follows anything
+    # (scikit-learn alone scores two constant labellings 1.0)
+    ones = torch.zeros_like(attrs)
+    assert alignment(ones, text[ones], text) == 0.0 and alignment(ones, text[attrs], text) == 0.0
 
 
 def test_decision_alignment_names_what_the_model_follows_though_both_are_represented():
