@@ -45,6 +45,12 @@ def test_resolved_recipe_round_trips(tmp_path):
     path = tmp_path / "recipe.toml"
     path.write_text(recipe_to_toml(r))
     assert load_recipe(path) == r
+    # strings with what TOML must escape (a newline, a tab, a quote, a backslash, another control character):
+    # the saved recipe.toml a resumed run checks itself against must read back as the same recipe
+    odd = load_recipe(DEFAULT, ['concepts.color_template="a photo of a\\n{color} \\"digit\\"\\t\\\\ \\u0001."'])
+    assert "\n" in odd.concepts.color_template and "\x01" in odd.concepts.color_template
+    path.write_text(recipe_to_toml(odd))
+    assert load_recipe(path) == odd
 
 
 @pytest.mark.parametrize("override, needle", [
