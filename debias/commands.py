@@ -54,6 +54,9 @@ def explain_run(recipe_path: str, overrides: list[str], run_dir: Path, out: Path
     check_inputs(recipe, model_weights=False)
     if not run_dir.is_dir():
         raise DebiasError(f"--checkpoint {str(run_dir)!r}: not a directory; expected a `debias train` run directory")
+    if (out / "metrics.json").exists():  # its concept_scores.png belongs to that run's metrics
+        raise DebiasError(f"--out {str(out)!r} is a `debias train` run directory (it holds metrics.json); give the "
+                          "explanation a folder of its own")
     device = resolve_device(recipe.train.device)
     seed_everything(recipe.seed)
     bundle = load_dataset(recipe)

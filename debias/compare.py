@@ -68,11 +68,79 @@ def natural_key(text: str) -> list[str | float]:
 def _load_run(run: Path) -> dict[str, Any]:
     if not run.is_dir():
         raise DebiasError(f"{run}: not a run directory")
-    metrics = io.read_json(run / "metrics.json")
+    path = run / "metrics.json"
+    metrics = io.read_json(path)
+    if not isinstance(metrics, dict):
+        raise DebiasError(f"{path}: expected a JSON object (a `debias train` run's metrics), got "
+                          f"{type(metrics).__name__}")
     for key in ("method", "seed", "splits", "explain"):
         if key not in metrics:
-            raise DebiasError(f"{run / 'metrics.json'}: missing key {key!r}; is it a `debias train` run?")
+            raise DebiasError(f"{path}: missing key {key!r}; is it a `debias train` run?")
+    _check_metrics(path, metrics)
     return metrics
+
+
+def _check_metrics(path: Path, m: dict[str, Any]) -> None:
+    """The parts of a run's metrics.json the compare reads, with the types it reads them as: one error naming the
+    file and the key, instead of a traceback from deep inside the tables."""
+    def fail(key: str, expected: str) -> None:
+        raise DebiasError(f"{path}: {key} = {_value_at(m, key)}: expected {expected}")
+
+    def accuracy(key: str, value: Any, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            fail(key, "an accuracy in [0, 1]")
+
+    def split_figures(key: str, figures: Any, keys: tuple[str, ...]) -> None:
+        if not isinstance(figures, dict):
+            fail(key, "an object of figures")
+        for k in keys:
+            if k not in figures:
+                fail(f"{key}.{k}", "an accuracy in [0, 1] (missing)")
+            accuracy(f"{key}.{k}", figures[k], optional=k == "worst_group_accuracy")
+
+    if not isinstance(m["method"], str):
+        fail("method", "a method name")
+    if isinstance(m["seed"], bool) or not isinstance(m["seed"], int):
+        fail("seed", "an integer")
+    if not isinstance(m["splits"], dict) or not m["splits"]:
+        fail("splits", "an object of splits, each with its accuracy")
+    for name, figures in m["splits"].items():
+        split_figures(f"splits.{name}", figures, ("accuracy", "worst_group_accuracy"))
+    ex = m["explain"]
+    if not isinstance(ex, dict) or not isinstance(ex.get("dominant_concept"), str):
+        fail("explain", "an object with dominant_concept (a concept name) and scores")
+    for key in ("scores", "control", "representation"):
+        if not isinstance(ex.get(key, {}), dict):
+            fail(f"explain.{key}", "an object of concept -> score")
+    for key, kind in (("recipe", dict), ("selection", dict), ("history", list), ("timing", dict)):
+        if not isinstance(m.get(key, kind()), kind):
+            fail(key, f"a JSON {'object' if kind is dict else 'array'}")
+    for rule, pick in m.get("selection", {}).items():
+        if not isinstance(pick, dict) or "epoch" not in pick or not isinstance(pick.get("splits"), dict):
+            fail(f"selection.{rule}", "an object with epoch and splits")
+        for name, figures in pick["splits"].items():
+            split_figures(f"selection.{rule}.splits.{name}", figures, ("accuracy",))
+    for i, row in enumerate(m.get("history", [])):
+        if not isinstance(row, dict) or "epoch" not in row:
+            fail(f"history[{i}]", "an object with the epoch's figures")
+        if row.get("oracle_accuracy") is not None:
+            accuracy(f"history[{i}].oracle_accuracy", row["oracle_accuracy"])
+    if m.get("stream") is not None:
+        split_figures("stream", m["stream"], ("accuracy", "worst_group_accuracy"))
+
+
+def _value_at(m: dict[str, Any], key: str) -> str:
+    """The value at a dotted key (``splits.test.accuracy``, ``history[2]``) as short text, for an error."""
+    value: Any = m
+    for part in re.split(r"\.|(?=\[)", key):
+        if part.startswith("["):
+            value = value[int(part[1:-1])] if isinstance(value, list) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -182,6 +250,15 @@ def compare_runs(runs: list[Path], out: Path, reference: str | None = None,
     counts the seeds meeting every threshold at once; ``reference`` (see :func:`_matches`) names one group against
     which every other group gets per-seed differences (mean +- standard error over the seeds both hold) and, with a
     goal, the seeds meeting it in one group only, with the exact McNemar p-value."""
+    if (out / "metrics.json").exists():  # its concept_scores.png and the rest are that run's own
+        raise DebiasError(f"--out {str(out)!r} is a `debias train` run directory (it holds metrics.json); give the "
+                          "compare a folder of its own")
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        if run.resolve() in seen:
+            raise DebiasError(f"{run}: given twice (also as {seen[run.resolve()]}); give each run once, or its seed "
+                              "would be counted twice")
+        seen[run.resolve()] = run
     rows = []
     loaded = [_load_run(run) for run in runs]
     for run, m, sett in zip(runs, loaded, settings(loaded)):
@@ -198,6 +275,10 @@ def compare_runs(runs: list[Path], out: Path, reference: str | None = None,
                      "timing": m.get("timing", {})})
     by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
+        twin = next((o for o in by_key[r["variant"], r["setting"]] if o["seed"] == r["seed"]), None)
+        if twin is not None:  # two runs of one recipe: their mean would count one seed twice
+            raise DebiasError(f"{r['run']} and {twin['run']}: the same method, setting and seed "
+                              f"({r['variant']}, {r['setting']}, seed {r['seed']}); compare one of them")
         by_key[r["variant"], r["setting"]].append(r)
     groups = []
     for (var, sett), members in sorted(by_key.items(), key=lambda kv: (kv[0][0], natural_key(kv[0][1]))):

@@ -139,7 +139,8 @@ class ExplainCfg:
 class TrainCfg:
     method: str = "erm"
     epochs: int = field(default=8, metadata=_range(1, 100000))
-    batch_size: int = field(default=64, metadata=_range(1, None))
+    batch_size: int = field(default=64, metadata=_range(2, None))
+    """At least 2: BatchNorm cannot train on one image."""
     lr: float = field(default=1e-3, metadata=_range(0.0, None, lo_open=True))
     weight_decay: float = field(default=1e-4, metadata=_range(0.0, None))
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0))
@@ -255,7 +256,7 @@ class SelectionCfg:
 
 @dataclass
 class Recipe:
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     clip: ClipCfg = field(default_factory=ClipCfg)
@@ -381,6 +382,10 @@ def _validate_cross(recipe: Recipe) -> None:
         missing = {"train", "val", "test"} - set(d.split_fractions)
         if missing:
             raise RecipeError(f"data.split_fractions = {d.split_fractions!r}: missing splits {sorted(missing)}")
+        for split in ("train", "val", "test"):
+            if d.split_fractions[split] <= 0:
+                raise RecipeError(f"data.split_fractions.{split} = {d.split_fractions[split]!r}: expected a fraction "
+                                  f"above 0 (the {split} split is needed)")
         total = sum(d.split_fractions.values())
         if total > 1.0 + 1e-9:
             raise RecipeError(f"data.split_fractions = {d.split_fractions!r}: fractions sum to {total:.3f}, "
@@ -399,6 +404,23 @@ def _validate_cross(recipe: Recipe) -> None:
             raise RecipeError(f"concepts.captions.{name} = {caps!r}: expected at least two captions")
         if any(not s.strip() for s in caps):
             raise RecipeError(f"concepts.captions.{name} = {caps!r}: expected non-empty captions")
+    if not c.spurious and not c.core:
+        raise RecipeError("concepts.spurious = [] and concepts.core = []: expected at least one concept to score")
+    for key, placeholder, values in (("color_template", "color", {"color": "red"}),
+                                     ("digit_template", "word", {"word": "five", "n": 5})):
+        template = getattr(c, key)
+        try:
+            filled = template.format(**values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RecipeError(f"concepts.{key} = {template!r}: not a caption template ({type(exc).__name__}: {exc}); "
+                              f"expected text with {{{placeholder}}}"
+                              + (" (or {n}, the digit)" if placeholder == "word" else "")) from None
+        if filled == template:
+            raise RecipeError(f"concepts.{key} = {template!r}: no placeholder, so every caption would be the same; "
+                              f"expected text with {{{placeholder}}}")
+    for name, caps in c.captions.items():
+        if len(set(caps)) != len(caps):
+            raise RecipeError(f"concepts.captions.{name} = {caps!r}: expected distinct captions")
     if set(c.spurious) & set(c.core):
         raise RecipeError(f"concepts: {sorted(set(c.spurious) & set(c.core))} marked both spurious and core")
     for stage in recipe.graft.stages:
@@ -429,6 +451,22 @@ def _validate_cross(recipe: Recipe) -> None:
                               f"{sorted(AUGMENTATIONS)}{did_you_mean(t, AUGMENTATIONS)}")
     if not recipe.graft.stages:
         raise RecipeError("graft.stages = []: expected at least one CLIP stage")
+    if len(set(recipe.graft.stages)) != len(recipe.graft.stages):
+        raise RecipeError(f"graft.stages = {recipe.graft.stages!r}: expected distinct stages")
+    t = recipe.train
+    if t.method == "jtt" and recipe.jtt.first_epochs >= t.epochs:
+        raise RecipeError(f"jtt.first_epochs = {recipe.jtt.first_epochs} with train.epochs = {t.epochs}: the "
+                          "upweighted stage would never run (plain ERM); expected jtt.first_epochs < train.epochs")
+    if t.method == "augment" and not recipe.augment.transforms:
+        raise RecipeError("augment.transforms = [] with train.method = 'augment': no transform (plain ERM); expected "
+                          f"some of {sorted(AUGMENTATIONS)}")
+
+
+def recipe_differences(saved: str | Path, recipe: Recipe) -> list[str]:
+    """The keys whose values differ between a run directory's ``recipe.toml`` and ``recipe`` (empty: the same
+    recipe). A key the saved file lacks (written before the key existed) counts as its default."""
+    before, now = flatten_recipe(load_recipe(saved).to_dict()), flatten_recipe(recipe.to_dict())
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
 def flatten_recipe(tree: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,16 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
     unfinished = tmp / "unfinished_run"  # a run stopped after its last checkpoint, before its end
     shutil.copytree(run, unfinished, dirs_exist_ok=True)
     (unfinished / "done").unlink(missing_ok=True)
+    twin = tmp / "twin_run"  # the same run again under another name: the same method, setting and seed
+    shutil.copytree(run, twin, dirs_exist_ok=True)
+    mangled = tmp / "mangled_run"  # a metrics.json of the right keys with a wrong value inside
+    shutil.copytree(run, mangled, dirs_exist_ok=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["splits"]["test"]["accuracy"] = "0.9"
+    (mangled / "metrics.json").write_text(json.dumps(metrics))
+    not_object = tmp / "null_run"
+    not_object.mkdir(exist_ok=True)
+    (not_object / "metrics.json").write_text("null")
     out = str(tmp / "out")
     t = ["train", RECIPE, "--out", out, "--no-progress", "--set"]
     return [
@@ -104,6 +114,31 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
                                         "train.epochs=1", "train.lr=0.01", "data.split_fractions.unlabeled=0.2",
                                         "data.split_fractions.train=0.3"],
          "differs in data.split_fractions, train.lr"),
+        ("selection split not a split", t + [*TINY, "selection.split=vall"], "selection.split = 'vall'"),
+        ("explain split not a split", t + [*TINY, "explain.split=shfted"], "explain.split = 'shfted'"),
+        ("no training split", t + ["data.split_fractions.train=0.0"], "data.split_fractions.train = 0.0"),
+        ("training batch of one", t + ["train.batch_size=1"], "train.batch_size = 1"),
+        ("seed out of range", t + ["seed=100000000000000000"], "seed = 100000000000000000"),
+        ("caption template, unknown placeholder", t + ['concepts.color_template="a {colour} digit"'],
+         "concepts.color_template = 'a {colour} digit': not a caption template"),
+        ("caption template without placeholder", t + ['concepts.digit_template="a digit"'], "no placeholder"),
+        ("no concept to score", t + ["concepts.spurious=[]", "concepts.core=[]"], "at least one concept"),
+        ("captions repeated", t + ['concepts.captions.color=["a red one", "a red one"]'], "distinct captions"),
+        ("graft stage repeated", t + ['graft.stages=["layer2", "layer2"]'], "distinct stages"),
+        ("jtt that never upweights", t + ["train.method=jtt", "jtt.first_epochs=8"], "jtt.first_epochs = 8"),
+        ("augment without transforms", t + ["train.method=augment", "augment.transforms=[]"], "no transform"),
+        ("finished run of another recipe", ["train", RECIPE, "--out", str(run), "--no-progress", "--set", *TINY,
+                                            "train.epochs=1", "data.bias=0.5"],
+         "holds a finished run of a different recipe (differs in data.bias)"),
+        ("explain into a train run", ["explain", RECIPE, "--checkpoint", str(run), "--out", str(run), "--set", *TINY],
+         "is a `debias train` run directory"),
+        ("compare into a train run", ["compare", str(run), "--out", str(run)], "is a `debias train` run directory"),
+        ("compare: a run given twice", ["compare", str(run), str(run), "--out", out], "given twice"),
+        ("compare: the same seed twice", ["compare", str(run), str(twin), "--out", out],
+         "the same method, setting and seed"),
+        ("compare: a wrong value", ["compare", str(mangled), "--out", out],
+         "splits.test.accuracy = '0.9': expected an accuracy in [0, 1]"),
+        ("compare: metrics not an object", ["compare", str(not_object), "--out", out], "expected a JSON object"),
         ("compare: not a run", ["compare", str(no_metrics), "--out", out], "metrics.json"),
         ("compare: corrupt metrics", ["compare", str(corrupt), "--out", out], "not valid JSON"),
     ]

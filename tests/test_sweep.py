@@ -36,8 +36,8 @@ def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
     assert (run / "model.safetensors").exists() and (run / "metrics.json").exists()
     assert (tmp_path / "dropped" / "compare" / "compare.json").exists()
     # the compare's goal and reference pass through; finished runs are skipped, a bad reference is named afterwards
-    again = [sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--out", str(tmp_path / "dropped"),
-             "--goal", "test=0", "--set", *TINY]
+    again = [sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "0", "--out",
+             str(tmp_path / "dropped"), "--goal", "test=0", "--set", *TINY]  # a seed given twice is one run
     counted = subprocess.run([*again, "--reference", "erm"], capture_output=True, text=True)
     assert counted.returncode == 0 and "skip" in counted.stdout, counted.stderr
     (group,) = json.loads((tmp_path / "dropped" / "compare" / "compare.json").read_text())["groups"]
@@ -49,13 +49,22 @@ def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
                             "--goal", "test"], capture_output=True, text=True)
     assert early.returncode == 2 and "--goal 'test': expected SPLIT=MIN" in early.stderr
     assert not (tmp_path / "never").exists()
+    # every run's recipe is checked before the first run starts; a finished run of another recipe is not reused
+    for sets, needle in ((["bogus=1"], "unknown recipe key 'bogus'"),
+                         (["train.lr=0.01"], "holds a finished run of a different recipe (differs in train.lr)")):
+        refused = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "1", "0", "--jobs",
+                                  "2", "--out", str(tmp_path / "dropped"), "--set", *TINY, *sets],
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2 and needle in refused.stderr, refused.stderr
+        assert not (tmp_path / "dropped" / "erm_bias1.0_seed1").exists()
     for attempt in (1, 2):  # a run's log keeps every attempt, each under its own header
         bad = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--jobs", "2",
-                              "--out", str(tmp_path / "bad"), "--set", *TINY, "bogus=1"],
+                              "--out", str(tmp_path / "bad"), "--set", *TINY, "model.checkpoint=/nonexistent/w.pth"],
                              capture_output=True, text=True)
         assert bad.returncode == 1 and "erm_bias1.0_seed0" in bad.stderr and "no compare written" in bad.stderr
         log = (tmp_path / "bad" / "logs" / "erm_bias1.0_seed0.log").read_text()
-        assert log.count("unknown recipe key 'bogus'") == log.count("=== ") == attempt, log
+        assert log.count("debias train: error") == log.count("=== ") == attempt, log
+        assert "/nonexistent/w.pth" in log
 
 
 def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():

@@ -39,12 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="recipes/colored_digits.toml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--pairs", nargs="+", default=list(PAIRS))
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--unbiased-bias", type=float, default=0.5)
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if not 0.0 <= args.unbiased_bias <= 1.0:
+        p.error(f"--unbiased-bias {args.unbiased_bias}: expected a bias in [0, 1]")
     out = Path(args.out)
     results = []
     t0 = time.perf_counter()
@@ -53,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 base = args.overrides + PAIRS[pair] + [f"seed={seed}", f"data.bias={bias}"]
                 run = out / f"{pair.split()[0].replace('/', '-')}_{kind}_seed{seed}"
-                if not (run / "done").exists():
-                    code = debias_main(["train", args.recipe, "--out", str(run), "--no-progress", "--set", *base,
-                                        "selection.track_concepts=false"])
-                    if code:
-                        return code
+                # debias train reports a finished run of the same recipe as it is, and refuses one of another
+                code = debias_main(["train", args.recipe, "--out", str(run), "--no-progress", "--set", *base,
+                                    "selection.track_concepts=false"])
+                if code:
+                    return code
                 acc = json.loads((run / "metrics.json").read_text())["splits"]
                 for cfg in args.configs:
                     ex_dir = run / "explain" / cfg.split(" (")[0].replace(" ", "_").replace(">", "gt")

@@ -37,6 +37,7 @@ from pathlib import Path
 from debias.cli import main as debias_main
 from debias.compare import compare_runs, parse_goal
 from debias.errors import DebiasError
+from debias.recipe import load_recipe, recipe_differences
 
 STOPPED = (130, 143)
 """``debias train``'s exit codes for a run stopped by SIGINT or SIGTERM (checkpoint written, resumable)."""
@@ -168,20 +169,35 @@ def main(argv: list[str] | None = None) -> int:
         goal = parse_goal(args.goal)  # a bad goal is named now, not after the runs
     except DebiasError as e:
         p.error(str(e))
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: expected at least 1 run at a time")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {str(out)!r}: exists and is not a directory")
     runs, todo, t0 = [], [], time.perf_counter()
     for bias in args.bias:
         for method in args.methods:
             for seed in args.seeds:
                 d = run_dir(out, method, bias, seed)
-                runs.append(d)
-                if (d / "done").exists():
-                    print(f"skip {d} (done)")
+                if d in runs:  # --seeds 0 0, --bias 1 1.0: one run directory, counted once
                     continue
+                runs.append(d)
                 name, _, source = method.partition(":")
                 sets = args.overrides + [f"seed={seed}", f"data.bias={bias}"]
                 if source:
                     sets.append(f"concept.source={source}")
+                try:  # every run's recipe is checked before the first run starts
+                    recipe = load_recipe(args.recipe, sets + [f"train.method={name}"])
+                    diff = (recipe_differences(d / "recipe.toml", recipe)
+                            if (d / "done").exists() and (d / "recipe.toml").exists() else [])
+                except DebiasError as e:
+                    p.error(f"{d.name}: {e}")
+                if diff:  # a finished run of another recipe (other --set) is not this sweep's result
+                    p.error(f"{d} holds a finished run of a different recipe (differs in {', '.join(diff[:5])}); "
+                            "use another --out")
+                if (d / "done").exists():
+                    print(f"skip {d} (done)")
+                    continue
                 todo.append((d, ["train", args.recipe, "--method", name, "--out", str(d), "--no-progress",
                                  "--set", *sets]))
     if args.jobs <= 1:

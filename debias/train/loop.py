@@ -33,12 +33,12 @@ from ..concepts import build_concepts
 from ..data import load_dataset
 from ..data.splits import Split
 from ..distributed import Dist, init_distributed
-from ..errors import DebiasError, TrainingInterrupted
+from ..errors import DebiasError, TrainingInterrupted, did_you_mean
 from ..evaluate import evaluate_splits
 from ..explain import compute_matching, explain_model, probe_split
 from ..models.clip import load_clip
 from ..models.standalone import StandaloneModel
-from ..recipe import Recipe, flatten_recipe, recipe_to_toml
+from ..recipe import Recipe, recipe_to_toml
 from .methods import build_method
 
 
@@ -96,6 +96,10 @@ class Trainer:
                                            and self.device.type == "cuda")
         self.concepts = build_concepts(recipe, self.bundle)
         self.method = build_method(recipe.train.method, self)
+        for key, split in (("selection.split", recipe.selection.split), ("explain.split", recipe.explain.split)):
+            if split not in self.bundle.splits:  # read every epoch / at the end: named now, before training
+                raise DebiasError(f"{key} = {split!r}: not a split of this dataset; expected one of "
+                                  f"{sorted(self.bundle.splits)}{did_you_mean(split, self.bundle.splits)}")
         if recipe.selection.track_concepts:
             self.concept_split()  # a bad selection.concept_split fails before training
         self.oracle_split()  # likewise selection.oracle_split
@@ -275,6 +279,7 @@ class Trainer:
         r = self.recipe
         done = self.out / io.DONE_MARKER
         if done.exists() and not force:
+            self.check_same_recipe(finished=True)  # a finished run of another recipe is not this run's result
             return io.read_json(self.out / "metrics.json") | {"already_finished": True}
         resumed = False
         if (self.out / CHECKPOINT).exists() and not force:
@@ -343,18 +348,18 @@ class Trainer:
         self.train_s += time.perf_counter() - t0
         return self.finish(self.train_s)
 
-    def check_same_recipe(self) -> None:
-        """An unfinished run may only be resumed with the recipe it was started with."""
+    def check_same_recipe(self, finished: bool = False) -> None:
+        """A run may only be resumed, or its finished results reported, with the recipe it was started with."""
         saved_path = self.out / "recipe.toml"
         if not saved_path.exists():
             return
-        from ..recipe import load_recipe
+        from ..recipe import recipe_differences
 
-        saved, now = flatten_recipe(load_recipe(saved_path).to_dict()), flatten_recipe(self.recipe.to_dict())
-        diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        diff = recipe_differences(saved_path, self.recipe)
         if diff:
-            raise DebiasError(f"--out {str(self.out)!r} holds an unfinished run of a different recipe (differs in "
-                              f"{', '.join(diff[:5])}); use another --out, or --force to start over")
+            raise DebiasError(f"--out {str(self.out)!r} holds {'a finished' if finished else 'an unfinished'} run of "
+                              f"a different recipe (differs in {', '.join(diff[:5])}); use another --out, or --force "
+                              f"to {'train again' if finished else 'start over'}")
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step of the method on a batch; returns the loss terms as floats."""
