@@ -54,6 +54,8 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["splits"]["test"]["accuracy"] = "0.9"
     (mangled / "metrics.json").write_text(json.dumps(metrics))
+    garbage = tmp / "garbage.safetensors"
+    garbage.write_bytes(bytes(range(100)))
     not_object = tmp / "null_run"
     not_object.mkdir(exist_ok=True)
     (not_object / "metrics.json").write_text("null")
@@ -114,6 +116,8 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
                                         "train.epochs=1", "train.lr=0.01", "data.split_fractions.unlabeled=0.2",
                                         "data.split_fractions.train=0.3"],
          "differs in data.split_fractions, train.lr"),
+        ("a device torch knows, this code does not", t + ["train.device=meta"], "train.device = 'meta'"),
+        ("corrupt safetensors weights", t + [f"model.checkpoint={garbage}"], "garbage.safetensors"),
         ("selection split not a split", t + [*TINY, "selection.split=vall"], "selection.split = 'vall'"),
         ("explain split not a split", t + [*TINY, "explain.split=shfted"], "explain.split = 'shfted'"),
         ("no training split", t + ["data.split_fractions.train=0.0"], "data.split_fractions.train = 0.0"),

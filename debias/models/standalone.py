@@ -5,6 +5,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import DebiasError, did_you_mean
@@ -80,7 +81,7 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool, checkpoint:
         kwargs["pretrained"] = True
     try:
         return timm.create_model(name, **kwargs)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:  # the last: a corrupt .safetensors file
         if pretrained and not checkpoint:
             raise DebiasError(f"model.pretrained = true for {name!r}: weights are not in the local cache and "
                               f"cannot be downloaded ({type(exc).__name__}); set model.checkpoint to a local "

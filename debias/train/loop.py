@@ -54,9 +54,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DebiasError(f"train.device = {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # torch also parses mps, xla, meta: never run here
+        raise DebiasError(f"train.device = {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DebiasError(f"train.device = {name!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DebiasError(f"train.device = {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
