@@ -249,6 +249,40 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     assert _metrics_without_timing(run / "metrics.json") == _metrics_without_timing(ref / "metrics.json")
 
 
+class _Stopped(Exception):
+    pass
+
+
+def test_resume_after_an_epochs_last_step_keeps_the_penalty_graft(tmp_path):
+    """A run stopped after an epoch's last step, before that epoch's end (where the tracking matches the model again),
+    resumes with the penalty's own graft: with rematch_every = 2 the next epoch must still read the stream through the
+    first epoch's graft, not the tracking's newer one (a resumed run did, and trained a different model)."""
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    recipe = load_recipe(RECIPE, TINY + ["train.method=concept", "concept.unlabeled_batch_size=8",
+                                         "concept.rematch_every=2", "selection.track_concepts=true"])
+    Trainer(recipe, tmp_path / "ref", progress=False).fit()
+    run = tmp_path / "stopped"
+    t = Trainer(recipe, run, progress=False)
+    step = t.train_step
+
+    def step_then_stop(batch):  # what SIGTERM after epoch 0's last step does: a checkpoint, then out
+        terms = step(batch)
+        if t.step + 1 == t.steps_per_epoch:
+            t.step, t.batch_in_epoch = t.step + 1, t.batch_in_epoch + 1
+            t.save_checkpoint()
+            raise _Stopped
+        return terms
+
+    t.train_step = step_then_stop
+    with pytest.raises(_Stopped):
+        t.fit()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["batch_in_epoch"] == t.steps_per_epoch
+    Trainer(recipe, run, progress=False).fit()
+    assert _metrics_without_timing(run / "metrics.json") == _metrics_without_timing(tmp_path / "ref" / "metrics.json")
+
+
 def test_resume_after_the_last_epoch_evaluates_the_same_training_split(tmp_path):
     """A run stopped after its last epoch's checkpoint, before its metrics were written, resumes straight into the
     final evaluation; the training split (re-drawn each epoch) must be the last epoch's draw there too, as in a run

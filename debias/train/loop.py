@@ -517,6 +517,12 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if state["matching"]:  # before the method's state, which may share this graft
+            self.matching = Matching.from_state_dict(state["matching"], self.net.tap_names,
+                                                     self.recipe.matching.selection)
+            self.matching_epoch = int(state["matching_epoch"])
+            self.matching_step = int(state.get("matching_step", -1))
+            self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
         self.method.load_state_dict(state["method"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         # the training split (re-drawn each epoch) as the stopped run held it: the current epoch's draw mid-epoch,
@@ -532,12 +538,6 @@ class Trainer:
         _set_numpy_state(json.loads(state["rng_numpy_json"]))
         _set_python_state(json.loads(state["rng_python_json"]))
         self._unlabeled_round = int(state["unlabeled_round"])
-        if state["matching"]:
-            self.matching = Matching.from_state_dict(state["matching"], self.net.tap_names,
-                                                     self.recipe.matching.selection)
-            self.matching_epoch = int(state["matching_epoch"])
-            self.matching_step = int(state.get("matching_step", -1))
-            self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
 
 
 CHECKPOINT = "checkpoint.pt"

@@ -180,8 +180,6 @@ class ConceptPenalty(Method):
         when both are due at once (the same model), never read in between."""
         self.graft_epoch = -1
         """The epoch of the matching ``graft`` was built from (-1: none yet)."""
-        self._graft_state: dict[str, torch.Tensor] | None = None
-        """A restored checkpoint's own matching for ``graft``, rebuilt when first needed."""
         self.joint: torch.Tensor | None = None
         """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
         self.adversary: torch.nn.Module | None = None
@@ -221,7 +219,6 @@ class ConceptPenalty(Method):
         every, trainer = self.cfg.rematch_every, self.trainer
         if self.cfg.source != "graft":
             return
-        self._restore_graft()
         if self.graft is None or (every and epoch % every == 0 and self.graft_epoch != epoch):
             if trainer.graft is None or trainer.matching_step != trainer.step:
                 trainer.rematch()  # else the end-of-epoch tracking has just matched this very model: shared
@@ -229,23 +226,6 @@ class ConceptPenalty(Method):
         if self.cfg.graft_read == "match" and self.graft_q_epoch != self.graft_epoch:
             self.graft_q, self.graft_core = self._read_stream_through_graft()
             self.graft_q_epoch = self.graft_epoch
-
-    def _restore_graft(self) -> None:
-        """After a resume: the penalty's graft from the checkpoint, its own matching or else the trainer's (the same
-        one when the checkpoint was written; an older checkpoint without the method's entry: the trainer's)."""
-        trainer = self.trainer
-        if self.graft is not None or (self.graft_epoch < 0 and self._graft_state is None):
-            return
-        if self._graft_state is not None:
-            from ..explain import build_graft
-            from ..surgery.matching import Matching
-
-            matching = Matching.from_state_dict(self._graft_state, trainer.net.tap_names,
-                                                trainer.recipe.matching.selection)
-            self.graft = build_graft(trainer.clip, matching, trainer.recipe).to(trainer.device)
-            self._graft_state = None
-        elif trainer.graft is not None:
-            self.graft, self.graft_epoch = trainer.graft, trainer.matching_epoch
 
     def _caption_predictions(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The spurious and (with ``core_weight``) core concept's caption predictions of image embeddings."""
@@ -307,9 +287,24 @@ class ConceptPenalty(Method):
             self.graft_q_epoch = int(state["graft_q_epoch"])
         if "graft_core" in state:
             self.graft_core = state["graft_core"].clone()
-        if "graft_epoch" in state:
-            self.graft, self.graft_epoch = None, int(state["graft_epoch"])
-            self._graft_state = state.get("graft_matching")
+        if "graft_epoch" in state:  # the trainer's own matching is restored first: shared, or this one's older own
+            trainer = self.trainer
+            self.graft_epoch = int(state["graft_epoch"])
+            if "graft_matching" in state:
+                from ..explain import build_graft
+                from ..surgery.matching import Matching
+
+                matching = Matching.from_state_dict(state["graft_matching"], trainer.net.tap_names,
+                                                    trainer.recipe.matching.selection)
+                self.graft = build_graft(trainer.clip, matching, trainer.recipe).to(trainer.device)
+            elif trainer.graft is None:  # a method state loaded without a trainer checkpoint: matched when needed
+                self.graft_epoch = -1
+            elif trainer.matching_epoch == self.graft_epoch:
+                self.graft = trainer.graft
+            else:
+                raise DebiasError(f"the checkpoint's concept state names the matching of epoch {self.graft_epoch}, "
+                                  f"which it does not hold (the trainer's is of epoch {trainer.matching_epoch}); "
+                                  "start the run again with --force")
 
     def _loss_rows(self, local: int) -> int:
         """How many of this process's ``local`` stream rows carry the losses: those among the first
@@ -347,10 +342,8 @@ class ConceptPenalty(Method):
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
         graft_step = self.cfg.source == "graft" and self.cfg.graft_read == "step"
-        if self.cfg.source == "graft":
-            self._restore_graft()
-            if self.graft is None:  # an older checkpoint, or a step before any epoch start: the trainer's graft
-                self.graft, self.graft_epoch = trainer.graft, trainer.matching_epoch
+        if self.cfg.source == "graft" and self.graft is None:  # a checkpoint written before the method kept its own
+            self.graft, self.graft_epoch = trainer.graft, trainer.matching_epoch
         if self.cfg.source == "graft" and not graft_step and self.graft_q is None:
             # a checkpoint written before the stream was read (an older version)
             (self.graft_q, self.graft_core), self.graft_q_epoch = self._read_stream_through_graft(), self.graft_epoch
