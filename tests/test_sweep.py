@@ -72,11 +72,13 @@ def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
     batch named), the first is the ratio's base; a bad override names its entry and the key."""
     tiny = [*TINY, "concept.unlabeled_batch_size=8"]
     done = subprocess.run([sys.executable, "tools/bench_step.py", "--steps", "2", "--warmup", "0", "--methods", "erm",
-                           "concept", "concept@concept.unlabeled_batch_size=16", "--set", *tiny],
-                          capture_output=True, text=True)
+                           "concept", "concept@concept.unlabeled_batch_size=16", "concept@concept.rematch_every=0",
+                           "--set", *tiny], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
-    assert set(rows) == {"erm", "concept", "concept@concept.unlabeled_batch_size=16"}
+    assert set(rows) == {"erm", "concept", "concept@concept.unlabeled_batch_size=16", "concept@concept.rematch_every=0"}
+    # the once-per-epoch work: none for erm, or for a graft matched once before training; matching + reading else
+    assert float(rows["erm"][4]) == float(rows["concept@concept.rematch_every=0"][4]) == 0 < float(rows["concept"][4])
     assert [rows[m][0] for m in ("erm", "concept", "concept@concept.unlabeled_batch_size=16")] == ["-", "8", "16"]
     assert float(rows["erm"][2]) == 1.0 and rows["erm"][3] == "1.00-1.00"  # the base against itself
     for m, row in rows.items():  # each ratio inside its own interval
