@@ -171,9 +171,9 @@ def test_explain_reuses_plain_clip_embeddings_without_changing_the_result(tiny_c
     assert same[0] == same[1] == same[2]
     (key, emb), = cache.items()
     assert torch.allclose(emb, tiny_clip.encode_image(split.images), atol=1e-6)
-    cache[key] = torch.randn_like(emb)  # what is cached is what is used
-    assert explain_model(*args, progress=False, control_draws=0, clip_cache=cache)["clip_alignment"] != \
-        plain["clip_alignment"]
+    cache[key] = torch.randn_like(emb)  # what is cached is what is used (plain CLIP's zero-shot reading)
+    assert explain_model(*args, progress=False, control_draws=0, clip_cache=cache)["clip_accuracy"] != \
+        plain["clip_accuracy"]
     # a split re-drawn for a new epoch (the training split as the probe) is encoded again
     redrawn = torch.rand(24, 3, 32, 32)
     split.render = lambda epoch: (redrawn, split.labels, split.attrs)
