@@ -79,18 +79,12 @@ class _Moments:
         (a tap is paired with several CLIP stages on the same grid)."""
         if self.shift is None:
             self.shift = x.mean(0).detach().to(torch.float32)
-        hit = memo.get(key) if memo is not None else None
-        if hit is not None and torch.equal(hit[0], self.shift):
-            xc, s, ss = hit[1:]
-        else:
+
+        def centred_sums() -> tuple[torch.Tensor, ...]:
             xc = x - self.shift.to(x.device)
-            s, ss = xc.sum(0).double(), (xc * xc).sum(0).double()
-            if memo is not None:
-                memo[key] = (self.shift, xc, s, ss)
-        self.n = self.n.to(x.device) + x.shape[0]
-        self.s = self.s.to(x.device) + s
-        self.ss = self.ss.to(x.device) + ss
-        return xc
+            return xc, xc.sum(0).double(), (xc * xc).sum(0).double()
+
+        return self._add(x.shape[0], centred_sums, memo, key)
 
     def update_resized(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], memo: _Memo | None = None,
                        key=None) -> torch.Tensor:
@@ -101,18 +95,27 @@ class _Moments:
         count = x.shape[0] * wh.shape[0] * ww.shape[0]
         if self.shift is None:
             self.shift = ((x * wsum).sum((0, 2, 3)) / count).detach().to(torch.float32)
+
+        def centred_sums() -> tuple[torch.Tensor, ...]:
+            xc = x - self.shift.to(x.device).view(1, -1, 1, 1)
+            return xc, (xc * wsum).sum((0, 2, 3)).double(), ((gh @ xc @ gw) * xc).sum((0, 2, 3)).double()
+
+        return self._add(count, centred_sums, memo, key)
+
+    def _add(self, count: int, centred_sums: Callable[[], tuple[torch.Tensor, ...]], memo: _Memo | None,
+             key) -> torch.Tensor:
+        """Add ``count`` samples whose centred values and sums ``centred_sums()`` gives, or the memo's, when moments
+        with an equal shift were fed the same samples (same ``key``); returns the centred values."""
         hit = memo.get(key) if memo is not None else None
         if hit is not None and torch.equal(hit[0], self.shift):
             xc, s, ss = hit[1:]
         else:
-            xc = x - self.shift.to(x.device).view(1, -1, 1, 1)
-            s = (xc * wsum).sum((0, 2, 3)).double()
-            ss = ((gh @ xc @ gw) * xc).sum((0, 2, 3)).double()
+            xc, s, ss = centred_sums()
             if memo is not None:
                 memo[key] = (self.shift, xc, s, ss)
-        self.n = self.n.to(x.device) + count
-        self.s = self.s.to(x.device) + s
-        self.ss = self.ss.to(x.device) + ss
+        self.n = self.n.to(xc.device) + count
+        self.s = self.s.to(xc.device) + s
+        self.ss = self.ss.to(xc.device) + ss
         return xc
 
     def mean(self) -> torch.Tensor:
