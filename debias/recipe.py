@@ -462,9 +462,13 @@ def _validate_cross(recipe: Recipe) -> None:
                           f"some of {sorted(AUGMENTATIONS)}")
 
 
-def recipe_differences(saved: str | Path, recipe: Recipe) -> list[str]:
+def recipe_differences(run_dir: str | Path, recipe: Recipe) -> list[str]:
     """The keys whose values differ between a run directory's ``recipe.toml`` and ``recipe`` (empty: the same
-    recipe). A key the saved file lacks (written before the key existed) counts as its default."""
+    recipe, or no ``recipe.toml`` to compare with). A key the saved file lacks (written before the key existed)
+    counts as its default."""
+    saved = Path(run_dir) / "recipe.toml"
+    if not saved.exists():
+        return []
     before, now = flatten_recipe(load_recipe(saved).to_dict()), flatten_recipe(recipe.to_dict())
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 

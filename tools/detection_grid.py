@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from debias.cli import main as debias_main
+from debias.errors import DebiasError
+from debias.recipe import load_recipe, recipe_differences
 
 CONFIGS = {
     "swap l2-4 mean (default)": [],
@@ -55,11 +57,19 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 base = args.overrides + PAIRS[pair] + [f"seed={seed}", f"data.bias={bias}"]
                 run = out / f"{pair.split()[0].replace('/', '-')}_{kind}_seed{seed}"
-                # debias train reports a finished run of the same recipe as it is, and refuses one of another
-                code = debias_main(["train", args.recipe, "--out", str(run), "--no-progress", "--set", *base,
-                                    "selection.track_concepts=false"])
-                if code:
-                    return code
+                sets = [*base, "selection.track_concepts=false"]
+                if not (run / "done").exists():
+                    code = debias_main(["train", args.recipe, "--out", str(run), "--no-progress", "--set", *sets])
+                    if code:
+                        return code
+                else:  # a finished run is reused only if it was trained with this recipe
+                    try:
+                        diff = recipe_differences(run, load_recipe(args.recipe, sets))
+                    except DebiasError as e:
+                        p.error(f"{run.name}: {e}")
+                    if diff:
+                        p.error(f"{run} holds a finished run of a different recipe (differs in "
+                                f"{', '.join(diff[:5])}); use another --out")
                 acc = json.loads((run / "metrics.json").read_text())["splits"]
                 for cfg in args.configs:
                     ex_dir = run / "explain" / cfg.split(" (")[0].replace(" ", "_").replace(">", "gt")

@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     sets.append(f"concept.source={source}")
                 try:  # every run's recipe is checked before the first run starts
                     recipe = load_recipe(args.recipe, sets + [f"train.method={name}"])
-                    diff = (recipe_differences(d / "recipe.toml", recipe)
-                            if (d / "done").exists() and (d / "recipe.toml").exists() else [])
+                    diff = recipe_differences(d, recipe) if (d / "done").exists() else []
                 except DebiasError as e:
                     p.error(f"{d.name}: {e}")
                 if diff:  # a finished run of another recipe (other --set) is not this sweep's result

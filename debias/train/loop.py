@@ -38,7 +38,7 @@ from ..evaluate import evaluate_splits
 from ..explain import compute_matching, explain_model, probe_split
 from ..models.clip import load_clip
 from ..models.standalone import StandaloneModel
-from ..recipe import Recipe, recipe_to_toml
+from ..recipe import Recipe, recipe_differences, recipe_to_toml
 from .methods import build_method
 
 
@@ -355,12 +355,7 @@ class Trainer:
 
     def check_same_recipe(self, finished: bool = False) -> None:
         """A run may only be resumed, or its finished results reported, with the recipe it was started with."""
-        saved_path = self.out / "recipe.toml"
-        if not saved_path.exists():
-            return
-        from ..recipe import recipe_differences
-
-        diff = recipe_differences(saved_path, self.recipe)
+        diff = recipe_differences(self.out, self.recipe)
         if diff:
             raise DebiasError(f"--out {str(self.out)!r} holds {'a finished' if finished else 'an unfinished'} run of "
                               f"a different recipe (differs in {', '.join(diff[:5])}); use another --out, or --force "
