@@ -90,8 +90,16 @@ def compute_matching(model: StandaloneModel, clip: ClipModel, split: Split, reci
         stats.all_reduce(dist.all_reduce_)
     if reduce is not None:
         reduce(stats)
-    return select_matches(stats, m.selection, m.threshold, stages=None,
-                          stitch_ridge=recipe.graft.stitch_ridge if stitch_stages else None)
+    matching = select_matches(stats, m.selection, m.threshold, stages=None,
+                              stitch_ridge=recipe.graft.stitch_ridge if stitch_stages else None)
+    if recipe.graft.mode == "swap" and not any(bool(matching.stages[c].matched.any()) for c in recipe.graft.stages):
+        # a swap graft with nothing swapped is plain CLIP: its scores would describe CLIP, not the CNN
+        best = max(float(stats.correlation(s, c).max()) for s in stats.standalone for c in recipe.graft.stages)
+        raise DebiasError(f"matching.threshold = {m.threshold}: mutual selection kept no channel pair in "
+                          f"graft.stages {list(recipe.graft.stages)} (highest correlation {best:.3f}), so the "
+                          "grafted model would be plain CLIP; lower the threshold or use matching.selection = "
+                          "'paper'")
+    return matching
 
 
 def build_graft(clip: ClipModel, matching: Matching, recipe: Recipe) -> GraftedCLIP:

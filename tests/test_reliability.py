@@ -134,6 +134,10 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("finished run of another recipe", ["train", RECIPE, "--out", str(run), "--no-progress", "--set", *TINY,
                                             "train.epochs=1", "data.bias=0.5"],
          "holds a finished run of a different recipe (differs in data.bias)"),
+        ("explain: mutual selection that keeps no pair", ["explain", RECIPE, "--checkpoint", str(run), "--out", out,
+                                                          "--no-progress", "--set", *TINY, "matching.selection=mutual",
+                                                          "matching.threshold=1.0", 'graft.stages=["layer2"]'],
+         "matching.threshold = 1.0: mutual selection kept no channel pair"),
         ("explain into a train run", ["explain", RECIPE, "--checkpoint", str(run), "--out", str(run), "--set", *TINY],
          "is a `debias train` run directory"),
         ("compare into a train run", ["compare", str(run), "--out", str(run)], "is a `debias train` run directory"),
@@ -162,6 +166,16 @@ def test_bad_inputs_fail_cleanly(tmp_path, finished_run, capsys):
         assert "Traceback" not in err
         assert _snapshot(tmp_path) == before, f"{name}: something was written"
     assert _snapshot(finished_run) == run_before
+
+
+def test_an_empty_graft_stops_training_with_its_reason(tmp_path, capsys):
+    """A swap graft with no channel swapped is plain CLIP: the per-epoch dominance would describe CLIP, not the CNN.
+    The run stops at its first matching (after the first epoch, with its checkpoint kept) with the reason."""
+    code = main(["train", RECIPE, "--out", str(tmp_path / "run"), "--no-progress", "--set", *TINY,
+                 "matching.selection=mutual", "matching.threshold=1.0", 'graft.stages=["layer2"]'])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "matching.threshold = 1.0: mutual selection kept no channel pair" in err
 
 
 def test_crafted_checkpoint_is_refused_without_running_code(tmp_path, capsys):
