@@ -129,6 +129,8 @@ def _bad_inputs(tmp: Path, run: Path) -> list[tuple[str, list[str], str]]:
         ("no concept to score", t + ["concepts.spurious=[]", "concepts.core=[]"], "at least one concept"),
         ("captions repeated", t + ['concepts.captions.color=["a red one", "a red one"]'], "distinct captions"),
         ("graft stage repeated", t + ['graft.stages=["layer2", "layer2"]'], "distinct stages"),
+        ("a model that cannot take the images", t + [*TINY, "model.name=vit_tiny_patch16_224"],
+         "model.name = 'vit_tiny_patch16_224': the model cannot take this dataset's (32, 32) images"),
         ("jtt that never upweights", t + ["train.method=jtt", "jtt.first_epochs=8"], "jtt.first_epochs = 8"),
         ("augment without transforms", t + ["train.method=augment", "augment.transforms=[]"], "no transform"),
         ("finished run of another recipe", ["train", RECIPE, "--out", str(run), "--no-progress", "--set", *TINY,

@@ -36,6 +36,26 @@ class StandaloneModel(nn.Module):
         self.tap_channels: dict[str, int] = {info["module"]: info["num_chs"] for info in self.net.feature_info}
         self.num_classes = num_classes
 
+    @torch.no_grad()
+    def check_input(self, image: torch.Tensor) -> None:
+        """Fail with a clear error, before any training, when this model cannot take the dataset's images or its
+        stage taps are not feature maps (the graft correlates ``(N, C, H, W)`` maps with CLIP's ResNet stages).
+        One forward of one image in eval mode: no random numbers drawn, no BatchNorm statistics moved."""
+        training = self.training
+        self.eval()
+        try:
+            taps = self(image[None].to(self.mean.device), taps=True)[1]
+        except (AssertionError, RuntimeError, ValueError) as e:
+            raise DebiasError(f"model.name = {self.name!r}: the model cannot take this dataset's "
+                              f"{tuple(image.shape[-2:])} images ({str(e).splitlines()[0]}); pick a CNN such as "
+                              "resnet18, resnet50 or convnext_tiny") from None
+        finally:
+            self.train(training)
+        flat = [t for t, v in taps.items() if v.dim() != 4]
+        if flat:
+            raise DebiasError(f"model.name = {self.name!r}: its taps {flat} are not (N, C, H, W) feature maps, which "
+                              "the graft needs; pick a CNN such as resnet18, resnet50 or convnext_tiny")
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 

@@ -87,6 +87,7 @@ class Trainer:
         self.bundle = load_dataset(recipe)
         self.net = StandaloneModel(recipe.model.name, self.bundle.num_classes, recipe.model.pretrained,
                                    recipe.model.checkpoint).to(self.device)
+        self.net.check_input(self.bundle.splits["train"].images[0])
         if recipe.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.model: torch.nn.Module = self.net
