@@ -183,12 +183,38 @@ def _label(group: dict[str, Any]) -> str:
     return f"{group['method']} {group['setting']}"
 
 
+def _reference_tokens(reference: str) -> list[str]:
+    """``reference`` split at the commas and spaces outside brackets and quotes, so that a list value stays one
+    token: ``"erm colors=['red', 'green']"`` -> ``["erm", "colors=['red','green']"]`` (spaces dropped)."""
+    tokens, current, depth, quote = [], "", 0, ""
+    for ch in reference:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        elif depth == 0 and (ch == "," or ch.isspace()):
+            tokens.append(current)
+            current = ""
+            continue
+        current += ch
+    return [_squeeze(t) for t in tokens + [current] if t.strip()]
+
+
+def _squeeze(text: str) -> str:
+    """Spaces dropped and double quotes read as single, as a setting prints list values (Python's repr)."""
+    return re.sub(r"\s+", "", text).replace('"', "'")
+
+
 def _matches(reference: str, group: dict[str, Any]) -> bool:
-    """Every part of ``reference`` (split at commas and spaces) is one of the group's parts: its method, or one of its
-    setting's ``key=value`` parts, where ``unlabeled_batch_size=16`` also matches ``concept.unlabeled_batch_size=16``."""
-    parts = [group["method"], *_SETTING_PARTS.split(group["setting"])]
-    return all(any(p == token or p.endswith("." + token) for p in parts)
-               for token in re.split(r"[\s,]+", reference.strip()) if token)
+    """Every part of ``reference`` (split at commas and spaces outside brackets) is one of the group's parts: its
+    method, or one of its setting's ``key=value`` parts, where ``unlabeled_batch_size=16`` also matches
+    ``concept.unlabeled_batch_size=16`` and a list value may be written with or without spaces, in either quotes."""
+    parts = [_squeeze(p) for p in [group["method"], *_SETTING_PARTS.split(group["setting"])]]
+    return all(any(p == token or p.endswith("." + token) for p in parts) for token in _reference_tokens(reference))
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from debias.cli import main
-from debias.compare import compare_runs, mcnemar_exact
+from debias.compare import _matches, compare_runs, mcnemar_exact
 from debias.train.methods import (METHODS, logit_correlation, mutual_information_of_joint, permute_channels,
                                   random_grayscale, soft_mutual_information)
 
@@ -239,6 +239,17 @@ def test_compare_counts_the_goal_and_pairs_seeds_against_a_reference(tmp_path):
     report = (cmp / "report.md").read_text()
     assert "## Seeds meeting the goal" in report and "Per-seed differences against erm bias=1.0,train.lr=0.001" in report
     assert (cmp / "paired_differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_names_a_list_value_as_the_setting_prints_it():
+    """A list value stays one token: its commas and spaces do not split it, its spacing and quotes may differ."""
+    groups = [{"method": "erm", "setting": f"bias=1.0,data.colors={colors!r},train.lr=0.001"}
+              for colors in (["red", "green"], ["blue", "yellow"])]
+    for reference in ("colors=['red', 'green']", 'erm, data.colors=["red","green"] train.lr=0.001',
+                      "bias=1.0,colors=[ 'red' ,'green' ]"):
+        assert [_matches(reference, g) for g in groups] == [True, False], reference
+    assert [_matches("colors=['red']", g) for g in groups] == [False, False]
+    assert [_matches("erm bias=1.0", g) for g in groups] == [True, True]
 
 
 def test_mcnemar_exact_is_scipys_two_sided_binomial_test():
