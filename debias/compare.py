@@ -308,16 +308,20 @@ def compare_runs(runs: list[Path], out: Path, reference: str | None = None,
         by_key[r["variant"], r["setting"]].append(r)
     groups = []
     for (var, sett), members in sorted(by_key.items(), key=lambda kv: (kv[0][0], natural_key(kv[0][1]))):
-        split_names = [s for s in SPLIT_ORDER if s in members[0]["splits"]] + sorted(
-            set(members[0]["splits"]) - set(SPLIT_ORDER))
+        # every member's splits and concepts, not the first member's alone (runs of older versions may lack some;
+        # each mean counts the members that have it, its n says how many)
+        present = set().union(*(r["splits"] for r in members))
+        split_names = [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
+        concepts = {key: list(dict.fromkeys(c for r in members for c in r[key]))
+                    for key in ("scores", "representation")}
         g = {"method": var, "setting": sett, "n_runs": len(members), "seeds": sorted(r["seed"] for r in members),
              "splits": {s: {"accuracy": _mean_std([r["splits"][s]["accuracy"] for r in members if s in r["splits"]]),
                             "worst_group_accuracy": _mean_std([r["splits"][s]["worst_group_accuracy"]
                                                                for r in members if s in r["splits"]])}
                         for s in split_names},
-             "scores": {c: _mean_std([r["scores"].get(c) for r in members]) for c in members[0]["scores"]},
+             "scores": {c: _mean_std([r["scores"].get(c) for r in members]) for c in concepts["scores"]},
              "representation": {c: _mean_std([r["representation"].get(c) for r in members])
-                                for c in members[0]["representation"]},
+                                for c in concepts["representation"]},
              "dominant_concept": {d: sum(r["dominant_concept"] == d for r in members)
                                   for d in sorted({r["dominant_concept"] for r in members})}}
         if all(r["stream"] for r in members):

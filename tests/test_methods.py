@@ -241,6 +241,26 @@ def test_compare_counts_the_goal_and_pairs_seeds_against_a_reference(tmp_path):
     assert (cmp / "paired_differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_groups_take_every_members_splits_and_concepts(tmp_path):
+    """A split or concept only some members have (runs written by an older version) is averaged over those members,
+    whichever member comes first."""
+    runs = []
+    for seed in (0, 1):
+        runs.append(tmp_path / f"erm{seed}")
+        assert main(["train", "recipes/colored_digits.toml", "--method", "erm", "--out", str(runs[-1]),
+                     "--no-progress", "--set", *TINY, f"seed={seed}", "train.epochs=1"]) == 0
+    first = json.loads((runs[0] / "metrics.json").read_text())
+    del first["splits"]["grayscale"], first["explain"]["scores"]["digit"], first["explain"]["representation"]["digit"]
+    (runs[0] / "metrics.json").write_text(json.dumps(first))
+    second = json.loads((runs[1] / "metrics.json").read_text())
+    (group,) = compare_runs(runs, tmp_path / "cmp")["groups"]
+    assert group["splits"]["grayscale"]["accuracy"] == {
+        "mean": second["splits"]["grayscale"]["accuracy"], "std": 0.0, "n": 1}
+    assert group["scores"]["digit"] == {"mean": second["explain"]["scores"]["digit"], "std": 0.0, "n": 1}
+    assert group["representation"]["digit"]["n"] == 1 and group["scores"]["color"]["n"] == 2
+    assert list(group["splits"])[:4] == ["test", "shifted", "swapped", "grayscale"]
+
+
 def test_reference_names_a_list_value_as_the_setting_prints_it():
     """A list value stays one token: its commas and spaces do not split it, its spacing and quotes may differ."""
     groups = [{"method": "erm", "setting": f"bias=1.0,data.colors={colors!r},train.lr=0.001"}
