@@ -93,6 +93,7 @@ def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
     ("bench_step.py", ["--steps", "0"], "--steps 0"),
     ("bench_throughput.py", ["--steps", "0"], "--steps 0"),
     ("bench_matching.py", ["--sizes", "0", "8"], "--sizes 0 8"),
+    ("bench_matching.py", ["--sizes", "1"], "--sizes 1: expected counts of at least 8"),
     ("bench_matching.py", ["--sizes", "8", "--model", "nosuchnet"], "'nosuchnet': not a timm model"),
 ])
 def test_benchmarks_refuse_bad_input_with_a_message(tool, args, named):

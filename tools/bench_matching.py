@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.pair_sums = list(dict.fromkeys(args.pair_sums))  # each way once
-    for flag, values in (("--sizes", args.sizes), ("--batch-size", [args.batch_size]), ("--repeats", [args.repeats])):
-        if min(values) < 1:
-            p.error(f"{flag} {' '.join(map(str, values))}: expected positive counts")
+    for flag, values, least in (("--sizes", args.sizes, 8), ("--batch-size", [args.batch_size], 1),
+                                ("--repeats", [args.repeats], 1)):
+        if min(values) < least:  # 8 probe images: the least a recipe's matching.num_images takes
+            p.error(f"{flag} {' '.join(map(str, values))}: expected counts of at least {least}")
     if args.child:
         try:
             print(json.dumps(child(args.child, args.model, args.batch_size, args.pair_sums[0], args.repeats)))
