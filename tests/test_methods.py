@@ -14,6 +14,9 @@ from debias.train.methods import (METHODS, logit_correlation, mutual_information
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
         "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t",
         "concept.unlabeled_batch_size=8", "jtt.first_epochs=1", "train.epochs=2"]
+MI_ALONE = ["concept.adversary_weight=0", "concept.pseudo_label_weight=0", "concept.joint_decay=0"]
+"""The default recipe's `concept` without its adversary, self-training and running joint: the MI penalty alone, so a
+test can add up the loss from the terms it checks."""
 
 
 def test_penalty_zero_when_independent_and_large_when_equal():
@@ -394,8 +397,8 @@ def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_p
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer
 
-    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
-                                                                 "concept.dependence=logit_corr"])
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + MI_ALONE + [
+        "train.method=concept", "concept.source=labels", "concept.dependence=logit_corr"])
     t = Trainer(recipe, tmp_path, progress=False)
     split = t.bundle.splits["train"]
     batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
@@ -582,9 +585,9 @@ def test_self_training_on_the_stream_counts_its_confident_predictions_from_its_s
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer
 
-    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
-                                                                 "concept.pseudo_label_weight=2",
-                                                                 "concept.pseudo_label_start=0.5"])
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + MI_ALONE + [
+        "train.method=concept", "concept.source=labels", "concept.pseudo_label_weight=2",
+        "concept.pseudo_label_start=0.5"])
     t = Trainer(recipe, tmp_path, progress=False)
     split = t.bundle.splits["train"]
     batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
@@ -657,8 +660,8 @@ def test_core_distillation_targets_the_core_concept_of_each_source(tmp_path, cap
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer
 
-    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
-                                                                 "concept.core_weight=2"])
+    recipe = load_recipe("recipes/colored_digits.toml", TINY + MI_ALONE + [
+        "train.method=concept", "concept.source=labels", "concept.core_weight=2"])
     t = Trainer(recipe, tmp_path / "labels", progress=False)
     split, stream = t.bundle.splits["train"], t.bundle.unlabeled
     batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}

@@ -19,8 +19,21 @@ def test_concept_recipe_is_the_default_with_the_measured_settings():
     run by tools/sweep.py with these overrides (docs/RESULTS.md, the three-term row)."""
     swept = load_recipe(DEFAULT, ["train.method=concept", "concept.source=graft", "data.bias=1.0", "concept.weight=1",
                                   "concept.adversary_weight=1", "concept.pseudo_label_weight=3", "train.epochs=16",
-                                  "concept.unlabeled_batch_size=128", "concept.joint_decay=0.875"])
+                                  "concept.unlabeled_batch_size=128", "concept.joint_decay=0.875",
+                                  # the default budget before stop 25, which these figures ran on
+                                  "train.batch_size=64", "train.label_smoothing=0.0"])
     assert load_recipe("recipes/colored_digits_concept.toml") == swept
+
+
+def test_default_recipe_is_the_swept_setting():
+    """The default recipe's budget and `concept` section are the setting of docs/RESULTS.md section 2's sweep
+    (its --method concept is recipes/colored_digits_concept_batch128.toml, the setting's thirty-seed runs)."""
+    r = load_recipe(DEFAULT)
+    assert (r.train.method, r.train.epochs, r.train.batch_size, r.train.label_smoothing) == ("erm", 32, 128, 0.05)
+    c = r.concept
+    assert (c.source, c.weight, c.adversary_weight, c.pseudo_label_weight, c.unlabeled_batch_size, c.joint_decay) == (
+        "graft", 1.0, 1.0, 3.0, 40, 0.875)
+    assert load_recipe(DEFAULT, ["train.method=concept"]) == load_recipe("recipes/colored_digits_concept_batch128.toml")
 
 
 def test_batch128_concept_recipe_is_the_default_with_the_measured_settings():
