@@ -473,6 +473,16 @@ def recipe_differences(run_dir: str | Path, recipe: Recipe) -> list[str]:
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
+def require_same_recipe(run_dir: str | Path, recipe: Recipe, where: str = "", finished: bool = True,
+                        remedy: str = "use another --out") -> None:
+    """Refuse a run directory whose ``recipe.toml`` differs from ``recipe``: its finished results (or, with
+    ``finished = False``, its resume state) are not this recipe's. ``where`` names the directory in the message."""
+    diff = recipe_differences(run_dir, recipe)
+    if diff:
+        raise RecipeError(f"{where or run_dir} holds {'a finished' if finished else 'an unfinished'} run of a "
+                          f"different recipe (differs in {', '.join(diff[:5])}); {remedy}")
+
+
 def flatten_recipe(tree: dict[str, Any]) -> dict[str, Any]:
     """A recipe as a dict (``Recipe.to_dict()``, or metrics.json's ``recipe``) keyed by dotted names:
     ``{"seed": 0, "train.epochs": 16, "data.split_fractions": {...}, ...}``; a field holding a table stays one value."""

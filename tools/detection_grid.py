@@ -18,7 +18,7 @@ from pathlib import Path
 
 from debias.cli import main as debias_main
 from debias.errors import DebiasError
-from debias.recipe import load_recipe, recipe_differences
+from debias.recipe import load_recipe, require_same_recipe
 
 CONFIGS = {
     "swap l2-4 mean (default)": [],
@@ -64,12 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                         return code
                 else:  # a finished run is reused only if it was trained with this recipe
                     try:
-                        diff = recipe_differences(run, load_recipe(args.recipe, sets))
+                        require_same_recipe(run, load_recipe(args.recipe, sets), "its run directory")
                     except DebiasError as e:
                         p.error(f"{run.name}: {e}")
-                    if diff:
-                        p.error(f"{run} holds a finished run of a different recipe (differs in "
-                                f"{', '.join(diff[:5])}); use another --out")
                 acc = json.loads((run / "metrics.json").read_text())["splits"]
                 for cfg in args.configs:
                     ex_dir = run / "explain" / cfg.split(" (")[0].replace(" ", "_").replace(">", "gt")

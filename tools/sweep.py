@@ -37,7 +37,7 @@ from pathlib import Path
 from debias.cli import main as debias_main
 from debias.compare import compare_runs, parse_goal
 from debias.errors import DebiasError
-from debias.recipe import load_recipe, recipe_differences
+from debias.recipe import load_recipe, require_same_recipe
 
 STOPPED = (130, 143)
 """``debias train``'s exit codes for a run stopped by SIGINT or SIGTERM (checkpoint written, resumable)."""
@@ -188,12 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                     sets.append(f"concept.source={source}")
                 try:  # every run's recipe is checked before the first run starts
                     recipe = load_recipe(args.recipe, sets + [f"train.method={name}"])
-                    diff = recipe_differences(d, recipe) if (d / "done").exists() else []
+                    if (d / "done").exists():  # a finished run of another recipe (other --set) is not this sweep's
+                        require_same_recipe(d, recipe, "its run directory")
                 except DebiasError as e:
                     p.error(f"{d.name}: {e}")
-                if diff:  # a finished run of another recipe (other --set) is not this sweep's result
-                    p.error(f"{d} holds a finished run of a different recipe (differs in {', '.join(diff[:5])}); "
-                            "use another --out")
                 if (d / "done").exists():
                     print(f"skip {d} (done)")
                     continue

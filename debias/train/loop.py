@@ -38,7 +38,7 @@ from ..evaluate import evaluate_splits
 from ..explain import compute_matching, explain_model, probe_split
 from ..models.clip import load_clip
 from ..models.standalone import StandaloneModel
-from ..recipe import Recipe, recipe_differences, recipe_to_toml
+from ..recipe import Recipe, recipe_to_toml, require_same_recipe
 from .methods import build_method
 
 
@@ -356,11 +356,8 @@ class Trainer:
 
     def check_same_recipe(self, finished: bool = False) -> None:
         """A run may only be resumed, or its finished results reported, with the recipe it was started with."""
-        diff = recipe_differences(self.out, self.recipe)
-        if diff:
-            raise DebiasError(f"--out {str(self.out)!r} holds {'a finished' if finished else 'an unfinished'} run of "
-                              f"a different recipe (differs in {', '.join(diff[:5])}); use another --out, or --force "
-                              f"to {'train again' if finished else 'start over'}")
+        require_same_recipe(self.out, self.recipe, f"--out {str(self.out)!r}", finished,
+                            f"use another --out, or --force to {'train again' if finished else 'start over'}")
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step of the method on a batch; returns the loss terms as floats."""
