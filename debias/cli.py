@@ -1,4 +1,4 @@
-"""Command line: ``debias train | explain | compare``. ``main(argv)`` takes a list, so tests call it directly.
+"""Command line: ``debias train | explain | compare | recipe``; ``main(argv)`` takes the arguments as a list.
 
 Errors the user can fix (bad recipe, missing file) print one line and exit with code 2.
 """
@@ -18,9 +18,35 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+DESCRIPTION = """\
+Train image classifiers that do not lean on spurious concepts, and say in words which concept a model leans on
+(its CNN grafted into CLIP's image tower, read with CLIP's text tower)."""
+
+EPILOG = """\
+examples:
+  debias train recipes/colored_digits.toml --out runs/erm
+  debias train recipes/colored_digits.toml --method concept --out runs/concept
+  debias compare runs/erm runs/concept --out runs/compare
+  debias recipe recipes/colored_digits.toml --set data.bias=0.99   # every key, its meaning and default
+
+Bad input (a recipe key, a missing file) prints one line and exits with code 2; a run stopped by Ctrl-C or
+SIGTERM keeps a checkpoint and resumes with the same command."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("debias")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="debias", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="debias", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="train a standalone model with a method, evaluate and explain it")
     _add_recipe_args(p)
     p.add_argument("--method", help="training method (overrides train.method)")
@@ -38,7 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="SETTING",
                    help="the group every other is compared with seed by seed, named by its method or setting parts, "
                         "e.g. erm or concept.unlabeled_batch_size=16")
+    p = sub.add_parser("recipe", help="print a resolved recipe: every key with its meaning, default and choices")
+    p.add_argument("recipe", help="recipe TOML file, e.g. recipes/colored_digits.toml")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override recipe keys (values are TOML literals); repeatable")
     return parser
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .recipe_doc import describe_recipe
+
+    print(describe_recipe(load_recipe(args.recipe, args.overrides), args.recipe), end="")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -98,7 +136,7 @@ def _compare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "explain": _explain, "compare": _compare}[args.command](args)
+        return {"train": _train, "explain": _explain, "compare": _compare, "recipe": _recipe}[args.command](args)
     except TrainingInterrupted as exc:  # stopped by a signal, resumable: the signal's exit code, not bad input's
         print(f"debias {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
