@@ -73,7 +73,7 @@ def _targets(concept: ConceptSet, labels: torch.Tensor, attrs: torch.Tensor) -> 
 @torch.no_grad()
 def concept_accuracy(embeddings: torch.Tensor, text: torch.Tensor, targets: torch.Tensor) -> float:
     """Zero-shot accuracy of normalised image embeddings against caption embeddings."""
-    valid = targets < text.shape[0]  # grayscale images have no colour caption
+    valid = (targets >= 0) & (targets < text.shape[0])  # grayscale: no colour caption; -1: value not known
     if not valid.any():
         return float("nan")
     pred = (embeddings[valid] @ text.T).argmax(1)

@@ -23,7 +23,8 @@ def probe_split(recipe: Recipe, bundle: DatasetBundle) -> Split:
     if split is None:
         raise DebiasError("matching.probe = 'independent' needs images whose spurious attribute varies "
                           "independently of the label (an unlabeled stream); this dataset has none, "
-                          "set matching.probe = 'train'")
+                          "set matching.probe = 'train' (or give the dataset a stream: see "
+                          "data.split_fractions.unlabeled, and data.split_values for folder datasets)")
     return split
 
 

@@ -40,7 +40,9 @@ class DataCfg:
         "train": 0.40, "val": 0.10, "test": 0.10, "shifted": 0.10, "swapped": 0.10, "grayscale": 0.10,
         "unlabeled": 0.10,
     })
-    """Fractions of each class's base images per split; base images are split first, so no two splits share one."""
+    """Fractions of each class's base images per split; base images are split first, so no two splits share one.
+    Folder datasets read ``unlabeled`` only: the fraction of the val rows that form the unlabeled stream when the CSV
+    has no rows mapped to ``unlabeled`` (a seeded draw that reads no label or attribute)."""
     train_copies: int = field(default=4, metadata=_range(1, 1000))
     """Renders of each training base image per epoch (fresh augmentation and, below bias 1.0, fresh colour)."""
     eval_copies: int = field(default=4, metadata=_range(1, 1000))
@@ -55,7 +57,8 @@ class DataCfg:
     columns: dict[str, str] = field(default_factory=dict)
     """Folder datasets: CSV column names for ``file``, ``label``, ``split`` and ``attribute``."""
     split_values: dict[str, str] = field(default_factory=dict)
-    """Folder datasets: CSV split value -> train | val | test | unlabeled | ignore (default: 0/1/2, train/val/test)."""
+    """Folder datasets: CSV split value -> train | val | test | unlabeled | ignore (default: 0/1/2, train/val/test).
+    ``unlabeled`` rows form the unlabeled stream; their label and attribute cells may be empty."""
     attribute_values: list[str] = field(default_factory=list)
     """Folder datasets: names of the spurious attribute's values (index = value in the CSV)."""
     class_names: list[str] = field(default_factory=list)
@@ -390,6 +393,10 @@ def _validate_cross(recipe: Recipe) -> None:
         if total > 1.0 + 1e-9:
             raise RecipeError(f"data.split_fractions = {d.split_fractions!r}: fractions sum to {total:.3f}, "
                               "expected at most 1")
+    elif d.name == "folder":
+        from .data.folder import stream_fraction
+
+        stream_fraction(d)
     c = recipe.concepts
     names = set(c.captions) | ({"color", "digit"} if d.name in ("colored_digits", "colored_mnist") else set())
     for role in ("spurious", "core"):

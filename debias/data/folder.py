@@ -20,11 +20,14 @@ Splits (groups = ``(label, attribute)``, named ``"<class>|<attribute value>"``):
 - ``test`` is the group-shifted evaluation: worst-group accuracy over its groups is the robustness figure.
 - ``shifted``: a group-balanced subsample of ``test`` (every group as large as the smallest one), so the attribute
   is independent of the label there; it is the default ``explain.split``. Left out if a group is absent from test.
-- the **unlabeled stream**: rows whose split value maps to ``unlabeled``, as they are; otherwise, when
-  ``data.split_fractions.unlabeled > 0``, a group-balanced subsample of the CSV's val rows of about that fraction of
-  them (at most half of val's smallest group, so val keeps every group), removed from ``val``. Balancing uses the
-  group labels once, to build a stream whose attribute varies independently of the label (as Waterbirds' val split
-  is built); methods still never see its labels.
+- the **unlabeled stream** (the concept penalty's images, the ``independent`` matching probe, the images
+  ``selection.concept_split = 'probe'`` scores): rows whose split value maps to ``unlabeled``; otherwise, when
+  ``data.split_fractions.unlabeled > 0``, that fraction of the CSV's val rows, a seeded draw of row positions,
+  removed from ``val``. Either way the rows are chosen, and put in a seeded order, without reading a label or an
+  attribute: no group label decides which images form the stream. The label and attribute cells of
+  ``unlabeled`` rows are not required (they may be empty) and never checked; where they name a known value they
+  are kept (else -1) for reporting only (``metrics.json``'s ``stream`` entry, the oracle ``concept.source =
+  'labels'``). Group labels are read for train, val and test rows only.
 
 Images are decoded with PIL when a batch is drawn (never all at once): JPEG draft decoding, shorter side resized
 (bicubic) to ``data.image_size`` and centre-cropped. ``data.augment`` adds a seeded random horizontal flip to
@@ -35,12 +38,13 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..errors import DebiasError
-from ..preflight import FOLDER_COLUMNS, folder_columns, folder_metadata_path, folder_problems
+from ..errors import DebiasError, RecipeError
+from ..preflight import folder_columns, folder_metadata_path, folder_problems
 from ..recipe import DataCfg
 from .digits import _split_seed
 from .mnist import LazyImages, LazySplit
@@ -63,6 +67,7 @@ class FolderTable:
     split: list[str]
     labels: torch.Tensor
     attrs: torch.Tensor
+    """Indices; on ``unlabeled`` rows -1 where the cell is empty or not a known value (reporting only)."""
     class_names: list[str]
     attr_names: list[str]
 
@@ -70,8 +75,11 @@ class FolderTable:
 # ----------------------------------------------------------------------------------------------- CSV parsing
 
 def _encode(values: list[str], lines: list[int], names: list[str], column: str, key: str, csv_name: str
-            ) -> tuple[torch.Tensor, list[str]]:
-    """Map a label or attribute column to indices ``0..K-1`` and value names; see the module docstring."""
+            ) -> tuple[torch.Tensor, list[str], Callable[[str], int]]:
+    """Map a label or attribute column to indices ``0..K-1`` and value names; see the module docstring.
+
+    Also returns ``lookup``: a cell -> its index under the same coding, or -1 for anything else (an empty or
+    unknown cell). It never raises: it reads the unlabeled rows' cells, for reporting only."""
     ints: list[int] | None = []
     for v in values:
         try:
@@ -85,6 +93,7 @@ def _encode(values: list[str], lines: list[int], names: list[str], column: str, 
             idx = [(v + 1) // 2 for v in ints]
             names = names or [f"not {column}", column]
             k = 2
+            coded = {"-1": 0, "1": 1}
         else:
             k = len(names) if names else max(distinct) + 1
             for v, line in zip(ints, lines):
@@ -94,20 +103,31 @@ def _encode(values: list[str], lines: list[int], names: list[str], column: str, 
                                       f"expected {expect}")
             idx = ints
             names = names or [str(i) for i in range(k)]
+            coded = {str(i): i for i in range(k)}
     else:
         if not names:
             names = sorted(set(values))
-        lookup = {n: i for i, n in enumerate(names)}
+        coded = {n: i for i, n in enumerate(names)}
         idx = []
         for v, line in zip(values, lines):
-            if v not in lookup:
+            if v not in coded:
                 raise DebiasError(f"data.metadata: {csv_name} line {line}: column {column!r} has value {v!r}, "
                                   f"which is not in {key} = {names}")
-            idx.append(lookup[v])
+            idx.append(coded[v])
     if len(names) < 2:
         raise DebiasError(f"data.metadata: column {column!r} of {csv_name} has the single value {names[0]!r}; "
                           f"expected at least two (set {key} to name them)")
-    return torch.tensor(idx, dtype=torch.long), list(names)
+    numeric = ints is not None
+
+    def lookup(cell: str) -> int:
+        if numeric:
+            try:
+                cell = str(int(cell))
+            except ValueError:
+                return -1
+        return coded.get(cell, -1)
+
+    return torch.tensor(idx, dtype=torch.long), list(names), lookup
 
 
 def _split_map(cfg: DataCfg) -> dict[str, str]:
@@ -135,24 +155,30 @@ def read_metadata(cfg: DataCfg) -> FolderTable:
             reader.fieldnames = [h.strip() for h in (reader.fieldnames or [])]
             for row in reader:
                 line = reader.line_num
-                cells = {}
-                for role in FOLDER_COLUMNS:
+
+                def cell(role: str) -> str:
                     value = row.get(cols[role])
                     if value is None or not value.strip():
                         raise DebiasError(f"data.metadata: {csv_name} line {line}: column {cols[role]!r} "
                                           f"({role}) is empty")
-                    cells[role] = value.strip()
-                target = split_map.get(cells["split"])
+                    return value.strip()
+
+                value = cell("split")
+                target = split_map.get(value)
                 if target is None:
-                    unknown.setdefault(cells["split"], line)
+                    unknown.setdefault(value, line)
                     continue
                 if target == "ignore":
                     continue
-                paths.append(cells["file"])
+                paths.append(cell("file"))
                 lines.append(line)
                 split.append(target)
-                labels.append(cells["label"])
-                attrs.append(cells["attribute"])
+                if target == "unlabeled":  # never required, never checked: kept for reporting where they parse
+                    labels.append((row.get(cols["label"]) or "").strip())
+                    attrs.append((row.get(cols["attribute"]) or "").strip())
+                else:
+                    labels.append(cell("label"))
+                    attrs.append(cell("attribute"))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DebiasError(f"data.metadata: {csv_name} cannot be read as CSV: {exc}") from None
     if unknown:
@@ -163,9 +189,22 @@ def read_metadata(cfg: DataCfg) -> FolderTable:
                           f"e.g. {{{value} = \"test\"}})")
     if not paths:
         raise DebiasError(f"data.metadata: {csv_name} lists no images")
-    y, class_names = _encode(labels, lines, list(cfg.class_names), cols["label"], "data.class_names", csv_name)
-    a, attr_names = _encode(attrs, lines, list(cfg.attribute_values), cols["attribute"], "data.attribute_values",
-                            csv_name)
+    for name in ("train", "val", "test"):
+        if name not in split:
+            raise DebiasError(f"data.metadata: {csv_name} has no {name} rows (column {cols['split']!r}); "
+                              f"expected train, val and test rows")
+    labelled = [i for i, name in enumerate(split) if name != "unlabeled"]
+    stream = [i for i, name in enumerate(split) if name == "unlabeled"]
+    y = torch.full((len(paths),), -1, dtype=torch.long)
+    a = torch.full((len(paths),), -1, dtype=torch.long)
+    y[labelled], class_names, label_of = _encode([labels[i] for i in labelled], [lines[i] for i in labelled],
+                                                 list(cfg.class_names), cols["label"], "data.class_names", csv_name)
+    a[labelled], attr_names, attr_of = _encode([attrs[i] for i in labelled], [lines[i] for i in labelled],
+                                               list(cfg.attribute_values), cols["attribute"],
+                                               "data.attribute_values", csv_name)
+    if stream:  # the unlabeled rows' cells, for reporting only: -1 where empty or not a known value
+        y[stream] = torch.tensor([label_of(labels[i]) for i in stream], dtype=torch.long)
+        a[stream] = torch.tensor([attr_of(attrs[i]) for i in stream], dtype=torch.long)
     return FolderTable(paths, lines, split, y, a, class_names, attr_names)
 
 
@@ -274,6 +313,38 @@ def group_balanced(idx: torch.Tensor, groups: torch.Tensor, n_groups: int, per_g
     return out[torch.randperm(len(out), generator=gen)]
 
 
+def stream_fraction(cfg: DataCfg) -> float:
+    """``data.split_fractions.unlabeled`` checked for a folder dataset: the fraction of the val rows that form the
+    unlabeled stream when the CSV has no ``unlabeled`` rows."""
+    f = cfg.split_fractions.get("unlabeled", 0.0)
+    if not 0.0 <= f < 1.0:
+        raise RecipeError(f"data.split_fractions.unlabeled = {f!r}: expected a fraction of the val rows in [0, 1) "
+                          "(folder datasets draw the unlabeled stream from val when the CSV has no rows mapped to "
+                          "'unlabeled'; 0 = no stream)")
+    return f
+
+
+def unlabeled_stream(val: torch.Tensor, marked: torch.Tensor, fraction: float, seed: int, csv_name: str
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The val rows that stay in val, and the unlabeled stream's rows (None: no stream), in a seeded order.
+
+    Only row positions and the seed decide it, never a label or an attribute: the rows mapped to ``unlabeled``
+    (``marked``) when there are any, else ``fraction`` of the val rows (at least one; val keeps at least one).
+    """
+    gen = torch.Generator().manual_seed(_split_seed(seed, "folder-unlabeled"))
+    if len(marked):
+        return val, marked[torch.randperm(len(marked), generator=gen)]
+    if fraction <= 0:
+        return val, None
+    n = max(1, round(fraction * len(val)))
+    if n >= len(val):
+        raise DebiasError(f"data.split_fractions.unlabeled = {fraction!r}: {n} of the {len(val)} val rows of "
+                          f"{csv_name} would form the unlabeled stream, leaving none for validation; lower it or map "
+                          "a CSV split value to 'unlabeled' in data.split_values")
+    order = torch.randperm(len(val), generator=gen)
+    return torch.sort(val[order[n:]]).values, val[order[:n]]
+
+
 def load_folder_dataset(cfg: DataCfg, seed: int) -> DatasetBundle:
     """A folder dataset as a :class:`DatasetBundle`; see the module docstring for splits and values."""
     table = read_metadata(cfg)
@@ -288,34 +359,14 @@ def load_folder_dataset(cfg: DataCfg, seed: int) -> DatasetBundle:
     def rows(name: str) -> torch.Tensor:
         return torch.from_numpy(np.nonzero(split_of == name)[0]).long()
 
-    index: dict[str, torch.Tensor] = {}
-    for name in ("train", "val", "test"):
-        if len(rows(name)) == 0:
-            raise DebiasError(f"data.metadata: {csv_name} has no {name} rows (column {cols['split']!r}); "
-                              f"expected train, val and test rows")
-    index["train"] = _cap_per_class(rows("train"), table.labels, cfg.train_per_class, gen)
-    val = rows("val")
-    stream = rows("unlabeled")
-    f_unl = cfg.split_fractions.get("unlabeled", 0.0)
-    if len(stream) == 0 and f_unl > 0:
-        smallest = min(int((groups[val] == g).sum()) for g in range(n_groups))
-        per_group = min(max(1, int(f_unl * len(val) / n_groups)), smallest // 2)  # val keeps every group
-        picked = group_balanced(val, groups, n_groups, per_group, gen) if per_group > 0 else None
-        if picked is None:
-            names = [f"{c}|{a}" for c in table.class_names for a in table.attr_names]
-            small = [names[g] for g in range(n_groups) if int((groups[val] == g).sum()) < 2]
-            raise DebiasError(f"data.split_fractions.unlabeled = {f_unl}: the val rows of {csv_name} have fewer than "
-                              f"two images of group(s) {small}, so no unlabeled stream with the attribute independent "
-                              "of the label can be drawn from them; set data.split_fractions.unlabeled = 0 or map a "
-                              "CSV split value to 'unlabeled' in data.split_values")
-        stream = picked
-        val = val[~torch.isin(val, stream)]
+    index: dict[str, torch.Tensor] = {"train": _cap_per_class(rows("train"), table.labels, cfg.train_per_class, gen)}
+    val, stream = unlabeled_stream(rows("val"), rows("unlabeled"), stream_fraction(cfg), seed, csv_name)
     index["val"] = _cap_per_class(val, table.labels, cfg.test_per_class, gen)
     index["test"] = _cap_per_class(rows("test"), table.labels, cfg.test_per_class, gen)
     shifted = group_balanced(index["test"], groups, n_groups, None, gen)
     if shifted is not None:
         index["shifted"] = shifted
-    if len(stream):
+    if stream is not None:
         index["unlabeled"] = stream
     used = torch.unique(torch.cat(list(index.values())))
     check_image_files(cfg.root, [table.paths[i] for i in used.tolist()], [table.lines[i] for i in used.tolist()],

@@ -54,7 +54,9 @@ class Split(Dataset):
 @dataclass
 class DatasetBundle:
     """All splits of one dataset. ``unlabeled`` (may be None) is the stream whose spurious attribute varies
-    independently of the label; its labels are kept for evaluation only and never given to a method."""
+    independently of the label, chosen without reading labels or attributes; its labels and attributes (-1 where
+    not known) are kept for reporting only and never given to a method (the oracle ``concept.source = 'labels'``
+    aside)."""
 
     splits: dict[str, Split]
     class_names: list[str]

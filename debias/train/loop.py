@@ -397,7 +397,10 @@ class Trainer:
         r = self.recipe
         # a method that trains against the unlabeled stream is also scored on it: how well the penalty's own images
         # were fitted, next to fresh images (the stream's labels are read here for this report only)
-        stream = {"stream": self.bundle.unlabeled} if self.method.needs_unlabeled else {}
+        # (a stream whose labels or attributes are not all known, rows of a folder dataset's CSV, is not scored)
+        u = self.bundle.unlabeled
+        known = u is not None and bool((u.labels >= 0).all() and (u.attrs >= 0).all())
+        stream = {"stream": u} if self.method.needs_unlabeled and known else {}
         splits = evaluate_splits(self.net, {**self.bundle.splits, **stream}, self.device, dist=self.dist)
         for name, m in splits.items():
             self.writer.add_scalar(f"final/{name}/accuracy", m["accuracy"], self.epoch)

@@ -149,12 +149,19 @@ class ConceptPenalty(Method):
         if bundle.unlabeled is None:
             raise DebiasError("train.method = 'concept' needs an unlabeled stream (images whose spurious attribute "
                               "varies independently of the label); this recipe has none: set "
-                              "data.split_fractions.unlabeled > 0 (coloured digits) or name the stream in the data "
-                              "section")
+                              "data.split_fractions.unlabeled > 0 (coloured digits: a fraction of the base images; "
+                              "folder datasets: a fraction of the val rows) or, for a folder dataset, map a CSV split "
+                              "value to 'unlabeled' in data.split_values")
         if cfg.unlabeled_batch_size > len(bundle.unlabeled):  # no full batch could ever be drawn
             raise DebiasError(f"concept.unlabeled_batch_size = {cfg.unlabeled_batch_size}: the unlabeled stream has "
                               f"only {len(bundle.unlabeled)} images; give a batch size of at most "
                               f"{len(bundle.unlabeled)} or a larger stream")
+        if cfg.source == "labels":  # the oracle reads the stream's true attribute (and class, with core_weight)
+            unknown = (bundle.unlabeled.attrs < 0) | ((bundle.unlabeled.labels < 0) & (cfg.core_weight > 0))
+            if bool(unknown.any()):
+                raise DebiasError(f"concept.source = 'labels' (an oracle) reads the unlabeled stream's true values, "
+                                  f"but {int(unknown.sum())} of its {len(unknown)} rows have none in data.metadata; "
+                                  "set concept.source = 'graft' or 'clip'")
         spurious = [c for c in trainer.concepts if c.role == "spurious"]
         if not spurious:
             raise DebiasError("train.method = 'concept' needs a spurious concept: set concepts.spurious")
