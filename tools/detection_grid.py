@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "dominant": ex["dominant_concept"], "scores": ex["scores"],
                                     "control": ex["control"], "representation": ex["representation"],
                                     "clip_alignment": ex["clip_alignment"],
+                                    "control_std": ex.get("control_std"), "control_draws": ex.get("control_draws"),
+                                    "paper_votes": ex.get("paper_votes"),
                                     "shifted_acc": acc["shifted"]["accuracy"]})
     (out / "grid.json").write_text(json.dumps(results, indent=1))
     print(f"{'configuration':<30} {'pair':<16} {'kind':<9} " + " ".join(f"seed{s:<23}" for s in args.seeds)
