@@ -111,11 +111,10 @@ def _print_summary(metrics: dict, out: Path) -> None:
     for name, m in metrics["splits"].items():
         print(f"  {name:<10} accuracy {m['accuracy']:.3f}   worst group {m['worst_group_accuracy']:.3f}")
     ex = metrics["explain"]
-    scores = ", ".join(f"{k} {v:.2f} (control {ex['control'][k]:.2f})" for k, v in ex["scores"].items())
-    print(f"concept scores: {scores}")
-    rep = ", ".join(f"{k} {v:.2f}" for k, v in ex.get("representation", {}).items())
-    print(f"representation (1 = as well as plain CLIP): {rep}")
-    print(f"dominant concept: {ex['dominant_concept']}")
+    from .explain import summary_lines
+
+    for line in summary_lines(ex):
+        print(line)
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -75,11 +75,9 @@ def explain_run(recipe_path: str, overrides: list[str], run_dir: Path, out: Path
     from .report import plot_concept_scores
 
     plot_concept_scores(explanation, out / "concept_scores.png", title=f"{recipe.model.name} from {run_dir}")
-    scores = ", ".join(f"{k} {v:.2f} (control {explanation['control'][k]:.2f})"
-                       for k, v in explanation["scores"].items())
-    print(f"concept scores: {scores}")
-    rep = ", ".join(f"{k} {v:.2f}" for k, v in explanation["representation"].items())
-    print(f"representation (1 = as well as plain CLIP): {rep}")
-    print(f"dominant concept: {explanation['dominant_concept']}")
+    from .explain import summary_lines
+
+    for line in summary_lines(explanation):
+        print(line)
     print(f"wrote {out / 'explain.json'}")
     return explanation

@@ -19,7 +19,12 @@ A concept has one caption per value of an attribute the images carry (``color``:
   CNN has, e.g. whether a debiased model still encodes the digit.
 
 The paper's own read-out (per image, the caption whose similarity rose most after surgery votes for its
-concept) is reported beside them as ``paper_votes``.
+concept) is reported beside them as ``paper_votes``; it is not a verdict (docs/EXPLAIN.md says when it can be read).
+
+The verdict is **behavioural** (``VERDICT_BASIS``): the random-matching control does not gate it. On the detection
+grid a matching of random channels gives the same verdict in 15-60 % of draws, because a CNN that decides by colour
+carries colour in most of its channels; the control says whether the *matching* carries a concept beyond chance
+(``control_reach``, ``control_same_verdict``), not what the CNN relies on.
 """
 from __future__ import annotations
 
@@ -146,3 +151,19 @@ def dominant(scores: dict[str, float], tie: float = TIE) -> str:
     if not finite or (len(finite) > 1 and finite[0][0] - finite[1][0] < tie):
         return "none"
     return finite[0][1]
+
+
+VERDICT_BASIS = "behaviour"
+"""What ``dominant_concept`` rests on: the CNN's decisions on images whose concepts vary independently (decision
+alignment through the graft); the random-matching control does not gate it (docs/EXPLAIN.md)."""
+
+
+def control_reach(scores: dict[str, float], draws: list[dict[str, float]], tie: float = TIE) -> dict[str, float]:
+    """Per concept, the fraction of random-matching draws whose score comes within ``tie`` of the real matching's:
+    how often random channels read the concept as well as the matched ones (NaN without draws)."""
+    out = {}
+    for k, v in scores.items():
+        vals = [d[k] for d in draws if d[k] == d[k]]
+        out[k] = (sum(x >= v - tie for x in vals) / len(vals)) if vals and v == v else float("nan")
+    return out
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .concepts import ConceptSet, dominant, read_concepts
+from .concepts import VERDICT_BASIS, ConceptSet, control_reach, dominant, read_concepts
 from .data.splits import DatasetBundle, Split
 from .distributed import Dist
 from .errors import DebiasError
@@ -181,13 +181,22 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
 
     control, control_std = mean_std(draws)
     rep_control, _ = mean_std(rep_draws)
+    verdict = dominant(scores)
+    clip_verdict = dominant(readout.clip_aligned)
     return {
-        "dominant_concept": dominant(scores),
+        "dominant_concept": verdict,
+        "verdict_basis": VERDICT_BASIS,
         "scores": scores,
         "control": control,
         "control_std": control_std,
+        "control_min": {c.name: min(d[c.name] for d in draws) if draws else float("nan") for c in concepts},
+        "control_max": {c.name: max(d[c.name] for d in draws) if draws else float("nan") for c in concepts},
         "control_draws": len(draws),
+        "control_reach": control_reach(scores, draws),
+        "control_same_verdict": (sum(dominant(d) == verdict for d in draws) / len(draws)) if draws else float("nan"),
         "score_kind": "decision alignment: NMI(CNN prediction, graft caption prediction)",
+        "clip_scores": readout.clip_aligned,
+        "clip_dominant_concept": clip_verdict,
         "representation": readout.representation(),
         "representation_control": rep_control,
         "clip_alignment": readout.clip_aligned,
@@ -195,6 +204,9 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
         "clip_accuracy": readout.clip,
         "chance": readout.chance,
         "paper_votes": readout.paper_votes,
+        "paper_votes_kind": "per image, the concept of the caption whose cosine similarity rose most from plain CLIP "
+                            "to the graft, as a fraction of images (the paper's read-out; not the verdict, see "
+                            "docs/EXPLAIN.md)",
         "roles": {c.name: c.role for c in concepts},
         "captions": {c.name: c.captions for c in concepts},
         "split": split.name,
@@ -202,3 +214,41 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
         "graft": graft.summary(),
         "probe": recipe.matching.probe,
     }
+
+
+def summary_lines(ex: dict) -> list[str]:
+    """The explanation in a few printed lines: the verdict's scores beside plain CLIP's, the control and the paper's
+    per-image vote. Explanations written before these keys existed print what they have."""
+    def fmt(d: dict | None) -> str:
+        return ", ".join(f"{k} {v:.2f}" for k, v in (d or {}).items() if isinstance(v, (int, float)))
+
+    lines = [f"decision alignment through the graft (the verdict's scores): {fmt(ex['scores'])}"]
+    if ex.get("clip_scores") is not None:
+        lines.append(f"  plain CLIP on the image: {fmt(ex['clip_scores'])} -> {ex.get('clip_dominant_concept')}")
+    n = ex.get("control_draws", 0)
+    if n:
+        lo, hi = ex.get("control_min", {}), ex.get("control_max", {})
+        ctl = ", ".join(f"{k} {v:.2f}" + (f" [{lo[k]:.2f}-{hi[k]:.2f}]" if k in lo and k in hi else "")
+                        for k, v in ex["control"].items())
+        lines.append(f"  random matching ({n} draws, mean [range]): {ctl}")
+    if ex.get("paper_votes") is not None:
+        lines.append(f"  the paper's per-image vote (not a verdict, docs/EXPLAIN.md): {fmt(ex['paper_votes'])}")
+    lines.append(f"representation (1 = as well as plain CLIP): {fmt(ex.get('representation'))}")
+    lines.append(f"dominant concept: {ex['dominant_concept']}" + verdict_note(ex))
+    return lines
+
+
+def verdict_note(ex: dict) -> str:
+    """What the verdict rests on, and the warnings a reader needs: plain CLIP disagreeing, random matchings agreeing."""
+    notes = []
+    clip = ex.get("clip_dominant_concept")
+    if clip is not None and clip != ex["dominant_concept"]:
+        notes.append(f"plain CLIP on the image says {clip}: the graft reads the CNN's own features, so a caption set "
+                     "can follow its decision through them; prefer plain CLIP's verdict")
+    same = ex.get("control_same_verdict")
+    if isinstance(same, (int, float)) and same == same and ex.get("control_draws"):
+        notes.append(f"{same:.0%} of {ex['control_draws']} random matchings give the same verdict")
+    basis = ex.get("verdict_basis")
+    head = f" ({basis}: what the CNN's decisions follow)" if basis else ""
+    return head + "".join(f"\n  note: {n}" for n in notes)
+

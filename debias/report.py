@@ -1,4 +1,4 @@
-"""Plots people would rather look at than read: concept scores against the control."""
+"""Plots people would rather look at than read: decision alignment per concept against the random-matching control."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+Y_LABEL = "decision alignment\nNMI(CNN's prediction, caption read)\n0 = independent, 1 = one decides the other"
 
 
 def _save(fig, path: str | Path) -> None:
@@ -19,21 +21,52 @@ def _save(fig, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_concept_scores(explanation: dict, path: str | Path, title: str = "") -> None:
-    """Bars: each concept's score for the real matching and the random-matching control (with its std)."""
+def _finite(v) -> float:
+    return float(v) if v is not None and v == v else float("nan")
+
+
+def control_range(explanation: dict, name: str) -> tuple[float, float, float]:
+    """The control of one concept as plotted: mean and the range its random draws spanned (``control_min``,
+    ``control_max``); for an explanation without them, mean ± std clipped to [0, 1], where an alignment lies."""
+    mean = _finite(explanation["control"].get(name))
+    lo, hi = explanation.get("control_min", {}).get(name), explanation.get("control_max", {}).get(name)
+    if lo is None or hi is None:
+        std = _finite(explanation.get("control_std", {}).get(name, 0.0))
+        std = 0.0 if std != std else std
+        lo, hi = mean - std, mean + std
+    return mean, min(max(_finite(lo), 0.0), 1.0), min(max(_finite(hi), 0.0), 1.0)
+
+
+def concept_figure(explanation: dict, title: str = ""):
+    """Per concept: the decision alignment through the graft (the verdict's score), the same read by plain CLIP on
+    the image (where present), and the random-matching control as a point (mean) with the range of its draws."""
     names = list(explanation["scores"])
-    scores = [explanation["scores"][n] for n in names]
-    control = [explanation["control"].get(n, float("nan")) for n in names]
-    err = [explanation.get("control_std", {}).get(n, 0.0) for n in names]
     roles = explanation.get("roles", {})
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(names), 3.4))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], scores, width=0.4, label="matched graft", color="#3b6ea8")
-    ax.bar([x + 0.2 for x in xs], control, width=0.4, yerr=err, capsize=3, label="random matching (control)",
-           color="#bbbbbb")
-    ax.set_xticks(list(xs), [f"{n}\n({roles.get(n, '')})" for n in names])
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_ylabel("concept score\n(0 = chance, 1 = plain CLIP)")
-    ax.set_title(f"{title}\ndominant: {explanation['dominant_concept']}", fontsize=9)
+    clip = explanation.get("clip_scores") or explanation.get("clip_alignment") or {}
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(names), 3.6))
+    xs = list(range(len(names)))
+    width = 0.27 if clip else 0.4
+    ax.bar([x - width for x in xs] if clip else [x - 0.2 for x in xs],
+           [_finite(explanation["scores"][n]) for n in names], width=width, label="graft (matched)", color="#3b6ea8")
+    if clip:
+        ax.bar(xs, [_finite(clip.get(n)) for n in names], width=width, label="plain CLIP on the image",
+               color="#8fb5dd")
+    cx = [x + width for x in xs] if clip else [x + 0.2 for x in xs]
+    for i, (x, n) in enumerate(zip(cx, names)):
+        mean, lo, hi = control_range(explanation, n)
+        ax.vlines(x, lo, hi, color="#777777", linewidth=2)
+        ax.plot([x], [mean], "o", color="#444444",
+                label=f"random matching ({explanation.get('control_draws', '?')} draws: mean, range)" if i == 0
+                else None)
+    ax.set_xticks(xs, [f"{n}\n({roles.get(n, '')})" for n in names])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(Y_LABEL, fontsize=8)
+    basis = explanation.get("verdict_basis", "")
+    ax.set_title(f"{title}\ndominant: {explanation['dominant_concept']}" + (f" ({basis})" if basis else ""),
+                 fontsize=9)
     ax.legend(fontsize=7, loc="best")
-    _save(fig, path)
+    return fig
+
+
+def plot_concept_scores(explanation: dict, path: str | Path, title: str = "") -> None:
+    _save(concept_figure(explanation, title), path)
