@@ -44,7 +44,8 @@ class DataCfg:
     Folder datasets read ``unlabeled`` only: the fraction of the val rows that form the unlabeled stream when the CSV
     has no rows mapped to ``unlabeled`` (a seeded draw that reads no label or attribute)."""
     train_copies: int = field(default=4, metadata=_range(1, 1000))
-    """Renders of each training base image per epoch (fresh augmentation and, below bias 1.0, fresh colour)."""
+    """Training examples per base image: each copy's colour is drawn once from the seed and kept for the whole run
+    (a fixed training set); only its augmentation jitter is drawn again each epoch."""
     eval_copies: int = field(default=4, metadata=_range(1, 1000))
     """Renders of each evaluation base image (fixed by the seed)."""
     unlabeled_copies: int = field(default=16, metadata=_range(1, 1000))

@@ -43,7 +43,8 @@ def test_bias_below_one_uses_other_colours_and_is_seeded():
     assert 0.4 < own < 0.6
     assert (a.attrs == 2).any()  # blue belongs to no class, drawn as an "other" colour
     a.set_epoch(1)
-    assert not torch.equal(a.images, b.images)  # a fresh render each epoch
+    assert not torch.equal(a.images, b.images)  # a fresh jitter each epoch
+    assert torch.equal(a.attrs, b.attrs)  # of the same examples: colours are drawn once per seed
 
 
 def test_other_classes_and_all_ten_digits():

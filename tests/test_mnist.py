@@ -135,7 +135,8 @@ def test_images_are_lazy_deterministic_and_batch_independent(mnist_root):
     assert torch.equal(again.images[0:4], train.images[0:4]) and torch.equal(again.attrs, train.attrs)
     first = train.images[0:8].clone()
     train.set_epoch(1)
-    assert not torch.equal(first, train.images[0:8])  # fresh jitter and colours each epoch
+    assert not torch.equal(first, train.images[0:8])  # fresh jitter each epoch
+    assert torch.equal(again.attrs, train.attrs)  # of the same examples: colours are drawn once per seed
 
 
 def test_without_jitter_at_28_px_the_render_is_the_mnist_digit(mnist_root):

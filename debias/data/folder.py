@@ -31,7 +31,8 @@ Splits (groups = ``(label, attribute)``, named ``"<class>|<attribute value>"``):
 
 Images are decoded with PIL when a batch is drawn (never all at once): JPEG draft decoding, shorter side resized
 (bicubic) to ``data.image_size`` and centre-cropped. ``data.augment`` adds a seeded random horizontal flip to
-training images, fresh each epoch; evaluation images are never jittered and ``*_copies`` do not apply here.
+training images, fresh each epoch (the examples and their attributes are the CSV's, fixed); evaluation images are
+never jittered and ``*_copies`` do not apply here.
 """
 from __future__ import annotations
 
@@ -387,7 +388,7 @@ def load_folder_dataset(cfg: DataCfg, seed: int) -> DatasetBundle:
                 return make("train", idx, torch.rand(len(idx), generator=g) < 0.5)
             images, labels, attrs = render(0)
             splits[name] = LazySplit(name, images, labels, attrs, table.class_names, table.attr_names,
-                                     render=render, epoch=0)
+                                     render=render, epoch=0, render_plain=lambda idx=idx: make("train", idx, None))
         else:
             images, labels, attrs = make(name, idx, None)
             splits[name] = LazySplit(name, images, labels, attrs, table.class_names, table.attr_names)

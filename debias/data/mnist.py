@@ -19,8 +19,10 @@ Split sizes, per digit (the paper: 5,000 for training, 1,000 for test and for th
   paper's sizes). They share no base image with train, the evaluation splits or each other.
 
 Colours follow :mod:`debias.data.shifts` exactly as the embedded digits do (``biased`` train/val/test, random
-``shifted``, ``swapped``, ``grayscale``; the stream ``shifted``). The order of every split is shuffled (seeded),
-so any prefix (the matching probe's first ``matching.num_images``) mixes the digits.
+``shifted``, ``swapped``, ``grayscale``; the stream ``shifted``). The training split is a fixed set of examples
+(base image times copy), each with a colour drawn once from the seed; only its jitter is drawn again each epoch.
+The order of every split is shuffled (seeded), so any prefix (the matching probe's first ``matching.num_images``)
+mixes the digits.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from ..errors import DebiasError
 from ..preflight import MNIST_FILES, mnist_missing_files, mnist_missing_message, mnist_raw_folder
 from ..recipe import DataCfg
 from .colors import PALETTE
-from .digits import SHIFT_SPLITS, SPLIT_MODES, _split_seed
+from .digits import SHIFT_SPLITS, SPLIT_MODES, _split_seed, train_attributes
 from .shifts import assign_colors
 from .splits import DatasetBundle, Split
 
@@ -177,15 +179,19 @@ def _palette(colors: list[str]) -> torch.Tensor:
     return torch.tensor([PALETTE[c] for c in colors] + [(1.0, 1.0, 1.0)], dtype=torch.float32)
 
 
-def render_lazy(base: torch.Tensor, labels: torch.Tensor, cfg: DataCfg, mode: str, copies: int, seed: int
+def render_lazy(base: torch.Tensor, labels: torch.Tensor, cfg: DataCfg, mode: str, copies: int, seed: int,
+                attrs: torch.Tensor | None = None, augment: bool | None = None
                 ) -> tuple[LazyImages, torch.Tensor, torch.Tensor]:
-    """``copies`` renders of each base image: colours drawn as :func:`debias.data.digits.render_split` does,
-    jitter parameters drawn up front; images rendered on access. Returns images, labels, colour index."""
+    """``copies`` renders of each base image: colours drawn as :func:`debias.data.digits.render_split` does (or
+    ``attrs`` given, one per render), jitter parameters drawn up front (``augment``: None follows
+    ``data.augment``); images rendered on access. Returns images, labels, colour index."""
     gen = torch.Generator().manual_seed(seed)
     base = base.repeat(copies, 1, 1) if copies > 1 else base
     labels = labels.repeat(copies)
-    attrs = assign_colors(labels, len(cfg.colors), mode, cfg.bias, gen)
-    thetas = affine_thetas(len(labels), gen) if cfg.augment else None
+    if attrs is None:
+        attrs = assign_colors(labels, len(cfg.colors), mode, cfg.bias, gen)
+    augment = cfg.augment if augment is None else augment
+    thetas = affine_thetas(len(labels), gen) if augment else None
     renderer = DigitRenderer(base, attrs, _palette(cfg.colors), cfg.image_size, thetas)
     return LazyImages(len(labels), cfg.image_size, renderer), labels, attrs
 
@@ -313,11 +319,18 @@ def mnist_base_indices(train_digits: torch.Tensor, test_digits: torch.Tensor, cf
 def _split(name: str, base: torch.Tensor, labels: torch.Tensor, cfg: DataCfg, seed: int, class_names: list[str],
            attr_names: list[str]) -> LazySplit:
     mode = SPLIT_MODES.get(name, "shifted")
-    if name == "train":
+    if name == "train":  # a fixed set of examples: colours drawn once, the jitter each epoch
+        fixed = train_attributes(labels, len(cfg.colors), mode, cfg.bias, cfg.train_copies, seed)
+
         def render(epoch: int, base=base, labels=labels):
-            return render_lazy(base, labels, cfg, mode, cfg.train_copies, _split_seed(seed, "train", epoch))
+            return render_lazy(base, labels, cfg, mode, cfg.train_copies, _split_seed(seed, "train", epoch),
+                               attrs=fixed)
+
+        def render_plain(base=base, labels=labels):
+            return render_lazy(base, labels, cfg, mode, cfg.train_copies, 0, attrs=fixed, augment=False)
         images, lab, attrs = render(0)
-        return LazySplit(name, images, lab, attrs, class_names, attr_names, render=render, epoch=0)
+        return LazySplit(name, images, lab, attrs, class_names, attr_names, render=render, epoch=0,
+                         render_plain=render_plain)
     copies = cfg.unlabeled_copies if name == "unlabeled" else cfg.eval_copies
     images, lab, attrs = render_lazy(base, labels, cfg, mode, copies, _split_seed(seed, name))
     return LazySplit(name, images, lab, attrs, class_names, attr_names)

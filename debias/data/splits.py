@@ -6,6 +6,7 @@ Normalisation is left to each model, so the CNN and CLIP can each use their own.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,8 +18,10 @@ from torch.utils.data import Dataset
 class Split(Dataset):
     """One split held in memory: images ``(N, 3, H, W)`` in [0, 1], labels ``(N,)``, attributes ``(N,)``.
 
-    ``render`` (optional) re-draws the images for a new epoch (fresh augmentation and colours), deterministic
-    in ``(seed, epoch)``; evaluation splits have none and stay fixed.
+    ``render`` (optional, the training split) re-draws the images for a new epoch, deterministic in
+    ``(seed, epoch)``: a fresh geometric jitter (or flip) of the same examples, whose labels and spurious attributes
+    are fixed by the seed for the whole run. ``render_plain`` (optional) renders those examples without the jitter.
+    Evaluation splits have neither and stay fixed.
     """
 
     name: str
@@ -29,6 +32,8 @@ class Split(Dataset):
     attr_names: list[str]
     render: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
     epoch: int = -1
+    render_plain: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None,
+                                                                                                repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -41,6 +46,15 @@ class Split(Dataset):
         if self.render is not None and epoch != self.epoch:
             self.images, self.labels, self.attrs = self.render(epoch)
             self.epoch = epoch
+
+    def unaugmented(self) -> "Split":
+        """The same examples, in the same order, without the per-epoch jitter: the examples' fixed identity (JTT's
+        error set is read there). A split without ``render_plain`` is returned as it is."""
+        if self.render_plain is None:
+            return self
+        images, labels, attrs = self.render_plain()
+        return dataclasses.replace(self, images=images, labels=labels, attrs=attrs, render=None, epoch=-1,
+                                   render_plain=None)
 
     @property
     def groups(self) -> torch.Tensor:
