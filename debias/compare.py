@@ -152,8 +152,9 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def _oracle(history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The epoch with the best accuracy on ``selection.oracle_split`` (recorded, never used for selection)."""
-    rows = [h for h in history if h.get("oracle_accuracy") is not None]
+    """The epoch with the best accuracy on ``selection.oracle_split`` (recorded, never used for selection); epochs of
+    a model the run restarted from (JTT's identification model, ``"discarded"``) are no candidates."""
+    rows = [h for h in history if h.get("oracle_accuracy") is not None and not h.get("discarded")]
     if not rows:
         return None
     best = max(rows, key=lambda h: (h["oracle_accuracy"], h["epoch"]))

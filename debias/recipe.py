@@ -226,8 +226,19 @@ class GroupDROCfg:
 
 @dataclass
 class JTTCfg:
+    """Just Train Twice (Liu et al. 2021): an ERM model trained for ``first_epochs`` names the training examples it
+    gets wrong (the error set); they are then drawn ``upweight`` times as often."""
+
     first_epochs: int = field(default=2, metadata=_range(1, None))
+    """Epochs of the identification model: ERM under ``train.epochs``' learning-rate schedule, stopped there."""
     upweight: float = field(default=20.0, metadata=_range(1.0, None))
+    """How many times as often an error-set example is drawn as any other (the paper's lambda_up)."""
+    variant: str = field(default="retrain", metadata=_choices("retrain", "continue"))
+    """``retrain`` (the paper's): after the identification model's ``first_epochs`` epochs, the model is
+    re-initialised (the seed's initial weights, a fresh optimizer and learning-rate schedule) and trained for
+    ``train.epochs`` epochs on the upweighted set, so the run takes ``first_epochs + train.epochs`` epochs and the
+    final model never saw the identification model's training. ``continue``: the same model keeps training, upweighted
+    from epoch ``first_epochs`` to ``train.epochs`` (a cheaper variant, not the published method)."""
 
 
 @dataclass
@@ -462,9 +473,14 @@ def _validate_cross(recipe: Recipe) -> None:
     if len(set(recipe.graft.stages)) != len(recipe.graft.stages):
         raise RecipeError(f"graft.stages = {recipe.graft.stages!r}: expected distinct stages")
     t = recipe.train
-    if t.method == "jtt" and recipe.jtt.first_epochs >= t.epochs:
+    if t.method == "jtt" and recipe.jtt.variant == "continue" and recipe.jtt.first_epochs >= t.epochs:
+        raise RecipeError(f"jtt.first_epochs = {recipe.jtt.first_epochs} with train.epochs = {t.epochs} and "
+                          "jtt.variant = 'continue': the upweighted stage would never run (plain ERM); expected "
+                          "jtt.first_epochs < train.epochs")
+    if t.method == "jtt" and recipe.jtt.variant == "retrain" and recipe.jtt.first_epochs > t.epochs:
         raise RecipeError(f"jtt.first_epochs = {recipe.jtt.first_epochs} with train.epochs = {t.epochs}: the "
-                          "upweighted stage would never run (plain ERM); expected jtt.first_epochs < train.epochs")
+                          "identification model is ERM under train.epochs' learning-rate schedule, which has ended "
+                          "by then; expected jtt.first_epochs <= train.epochs")
     if t.method == "augment" and not recipe.augment.transforms:
         raise RecipeError("augment.transforms = [] with train.method = 'augment': no transform (plain ERM); expected "
                           f"some of {sorted(AUGMENTATIONS)}")

@@ -111,7 +111,8 @@ def test_each_method_end_to_end(tmp_path, method):
     assert m["method"] == method
     assert set(m["splits"]) >= {"test", "shifted", "swapped", "grayscale"}
     assert set(m["selection"]) == {"val_accuracy", "dominance", "worst_group"}
-    assert len(m["history"]) == 2 and "dominance_margin" in m["history"][0]
+    # jtt trains its identification model (jtt.first_epochs = 1) before the train.epochs of its final model
+    assert len(m["history"]) == (3 if method == "jtt" else 2) and "dominance_margin" in m["history"][0]
     assert m["history"][0]["oracle_split"] == "shifted" and 0 <= m["history"][0]["oracle_accuracy"] <= 1
     assert (out / "done").exists() and (out / "model.safetensors").exists()
 

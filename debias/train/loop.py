@@ -85,6 +85,9 @@ class Trainer:
         self.device = self.dist.device if self.dist.active else resolve_device(recipe.train.device)
         seed_everything(recipe.seed)
         self.bundle = load_dataset(recipe)
+        self._init_rng = torch.get_rng_state()
+        """The random state the model's initial weights are drawn from (``reset_model_and_optimizer`` draws them
+        again)."""
         self.net = StandaloneModel(recipe.model.name, self.bundle.num_classes, recipe.model.pretrained,
                                    recipe.model.checkpoint).to(self.device)
         self.net.check_input(self.bundle.splits["train"].images[0])
@@ -110,16 +113,14 @@ class Trainer:
             self.concept_split()  # a bad selection.concept_split fails before training
         self.oracle_split()  # likewise selection.oracle_split
         t = recipe.train
-        groups = [{"params": list(self.net.parameters())}]
-        if self.method.parameters():  # the method's own (an adversary): a second group, same rate and schedule
-            groups.append({"params": self.method.parameters()})
-        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         n_train = len(self.bundle.splits["train"])
         # a trailing batch too small to give every process two images is dropped (BatchNorm needs two)
         self.steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size >= 2 * self.dist.world))
-        self.total_steps = total = self.steps_per_epoch * t.epochs
-        warmup = int(round(t.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine_with_warmup(total, warmup))
+        self.total_steps = self.steps_per_epoch * t.epochs
+        """Steps of one learning-rate schedule (``train.epochs``)."""
+        self.total_epochs = t.epochs + self.method.extra_epochs()
+        """Epochs the loop runs: ``train.epochs``, plus those a method trains before a restart (JTT's first stage)."""
+        self._new_optimizer()
         self.graft = None
         self.matching = None
         self.matching_epoch = -1
@@ -142,6 +143,45 @@ class Trainer:
     @property
     def clip(self):
         return self._clip
+
+    def _new_model(self) -> StandaloneModel:
+        """The standalone model with its initial weights, on the CPU: drawn again from the random state the first
+        one was drawn from, leaving the global random state as it was."""
+        r = self.recipe
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._init_rng)
+            return StandaloneModel(r.model.name, self.bundle.num_classes, r.model.pretrained, r.model.checkpoint)
+
+    def _new_optimizer(self) -> None:
+        """A fresh optimizer over the model's (and the method's own) parameters, and a fresh learning-rate schedule
+        of ``train.epochs`` epochs with its warmup."""
+        t = self.recipe.train
+        groups = [{"params": list(self.net.parameters())}]
+        if self.method.parameters():  # the method's own (an adversary): a second group, same rate and schedule
+            groups.append({"params": self.method.parameters()})
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        warmup = int(round(t.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           _cosine_with_warmup(self.total_steps, warmup))
+
+    def reset_model_and_optimizer(self) -> None:
+        """Start training over (JTT's second stage): the model gets its initial weights back (the same draw from the
+        seed as at the start), with a fresh optimizer, learning-rate schedule and gradient scaler. What belonged to
+        the model trained so far is dropped: its matching and graft, and the selection's picks (the ``best_*``
+        checkpoints), so no model from before the restart can be selected; its history rows stay, marked
+        ``"discarded": true``. The step and epoch counters keep counting (TensorBoard, checkpoints). A method's own
+        parameters are the method's to reset."""
+        self.net.load_state_dict(self._new_model().state_dict())  # in place: a DDP wrapper keeps its parameters
+        self._new_optimizer()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.scaler.is_enabled())
+        self.graft = self.matching = None
+        self.matching_epoch = self.matching_step = -1
+        for rule in self.best:
+            if self.dist.is_main:
+                (self.out / f"best_{rule}.safetensors").unlink(missing_ok=True)
+        self.best = {}
+        for row in self.history:
+            row["discarded"] = True
 
     def _check_batch_sizes(self) -> None:
         """Every process needs a share of every global batch."""
@@ -302,12 +342,12 @@ class Trainer:
             self.writer = _NullWriter()
         stop = _StopFlag()
         t0 = time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch * r.train.epochs, initial=self.step, desc=f"train {r.train.method}",
+        bar = tqdm(total=self.steps_per_epoch * self.total_epochs, initial=self.step, desc=f"train {r.train.method}",
                    unit="step", disable=not self.progress)
         if resumed and self.dist.is_main:
             bar.write(f"resumed {self.out} at epoch {self.epoch}, step {self.step}")
         with stop:
-            for epoch in range(self.epoch, r.train.epochs):
+            for epoch in range(self.epoch, self.total_epochs):
                 self._sync_buffers()
                 if self.batch_in_epoch == 0:
                     self.method.on_epoch_start(epoch)

@@ -56,6 +56,11 @@ class Method:
     def on_epoch_start(self, epoch: int) -> None:
         """Hook for methods with stages (JTT's second phase)."""
 
+    def extra_epochs(self) -> int:
+        """Epochs the method trains before ``train.epochs`` begin over from a restarted model (JTT's first stage,
+        which ends with ``trainer.reset_model_and_optimizer()``); 0 for a single stage."""
+        return 0
+
     def state_dict(self) -> dict[str, Any]:
         """Method state that a resumed run needs (GroupDRO's weights, JTT's error set)."""
         return {}
@@ -432,31 +437,57 @@ class GroupDRO(Method):
 
 @register("jtt")
 class JTT(Method):
-    """Just Train Twice (Liu et al. 2021), continued-training variant: ERM for ``jtt.first_epochs``, then the
-    training examples the model got wrong are upsampled ``jtt.upweight`` times. No group labels are used."""
+    """Just Train Twice (Liu et al. 2021). No group labels are used.
+
+    Stage 1: ERM for ``jtt.first_epochs`` epochs (the identification model). Its error set is the training examples
+    it misclassifies, read on the examples without augmentation jitter (``Split.unaugmented``): the training split is
+    a fixed set of examples, so an index names the same example, with the same spurious attribute, in every epoch.
+    Stage 2 (``jtt.variant = "retrain"``, the paper's): the model restarts from its initial weights with a fresh
+    optimizer and schedule (``Trainer.reset_model_and_optimizer``) and trains ``train.epochs`` epochs with each error
+    example drawn ``jtt.upweight`` times as often (``len(train)`` weighted draws with replacement per epoch: the
+    upsampled set's composition at an ERM epoch's length). ``"continue"``: the identification model itself keeps
+    training, upweighted, up to ``train.epochs``. The error set and the variant are method state, so a run resumed
+    in stage 2 neither identifies nor restarts again.
+    """
 
     def __init__(self, trainer: "Trainer"):
         super().__init__(trainer)
+        self.cfg = trainer.recipe.jtt
         self.errors: torch.Tensor | None = None
+        """Per training example (its index in the training split): misclassified by the identification model."""
+
+    def extra_epochs(self) -> int:
+        return self.cfg.first_epochs if self.cfg.variant == "retrain" else 0
 
     def on_epoch_start(self, epoch: int) -> None:
-        if epoch == self.trainer.recipe.jtt.first_epochs and self.errors is None:
-            from ..evaluate import predict
+        if epoch == self.cfg.first_epochs and self.errors is None:
+            self.errors = self.error_set()
+            if self.cfg.variant == "retrain":
+                self.trainer.reset_model_and_optimizer()
 
-            split = self.trainer.bundle.splits["train"]
-            split.set_epoch(epoch)
-            preds = predict(self.trainer.model, split, self.trainer.device)
-            self.errors = (preds != split.labels).cpu()
+    def error_set(self) -> torch.Tensor:
+        """The training examples the model as it is now misclassifies (a boolean per example)."""
+        from ..evaluate import predict
+
+        trainer = self.trainer
+        split = trainer.bundle.splits["train"].unaugmented()
+        preds = predict(trainer.net, split, trainer.device)
+        return (preds != split.labels).cpu()
 
     def sample_weights(self) -> torch.Tensor | None:
         if self.errors is None:
             return None
-        return 1.0 + (self.trainer.recipe.jtt.upweight - 1.0) * self.errors.float()
+        return 1.0 + (self.cfg.upweight - 1.0) * self.errors.float()
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.errors is None else {"errors": self.errors.clone()}
+        return {} if self.errors is None else {"errors": self.errors.clone(), "variant": self.cfg.variant}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "errors" in state and state.get("variant", "continue") != self.cfg.variant:
+            raise DebiasError(f"the checkpoint's JTT error set was found with jtt.variant = "
+                              f"{state.get('variant', 'continue')!r} (a checkpoint without the key predates the "
+                              f"'retrain' variant), not {self.cfg.variant!r}; resume with that variant, or start the "
+                              "run again with --force")
         self.errors = state.get("errors")
 
 
