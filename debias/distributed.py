@@ -79,6 +79,16 @@ class Dist:
             if buf is not t:
                 t.copy_(buf)
 
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over ranks, differentiable (torch's ``torch.distributed.nn.functional.all_reduce``):
+        its backward sums the gradients over ranks, so that, as with :meth:`gather_rows`, DistributedDataParallel's
+        mean over ranks gives the parameters the gradient of a statistic of the global batch."""
+        if not self.active:
+            return t
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(self._on_comm_device(t)).to(t.device)
+
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean over ranks of a (detached) tensor of values, returned on this rank's device."""
         if not self.active:

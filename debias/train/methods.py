@@ -406,8 +406,16 @@ class ConceptPenalty(Method):
 
 @register("groupdro")
 class GroupDRO(Method):
-    """Group DRO (Sagawa et al. 2020): exponentiated-gradient weights on the per-group losses. Uses the training
-    group labels, so it is the oracle upper bound among the baselines."""
+    """Group DRO (Sagawa et al. 2020, Algorithm 1): exponentiated-gradient weights ``q`` on the per-group losses.
+    Uses the training group labels, so it is the oracle upper bound among the baselines.
+
+    Each step, as in the authors' code (``LossComputer.compute_robust_loss``, kohpangwei/group_DRO): the mean loss of
+    every group in the batch (0 for a group the batch lacks), ``q_g <- q_g * exp(eta * loss_g)``, ``q`` normalised to
+    sum 1, and the loss ``sum_g q_g * loss_g`` with the updated ``q``, not renormalised over the groups present (a
+    group the batch lacks adds nothing, and its weight only shrinks by the normalisation). Several processes: the
+    group losses are those of the global batch (per-group loss sums and counts summed over processes), so every
+    process updates the same ``q`` (the checkpoint's), and the gradient is that of the global batch's loss.
+    """
 
     def __init__(self, trainer: "Trainer"):
         super().__init__(trainer)
@@ -417,16 +425,19 @@ class GroupDRO(Method):
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         logits = self.trainer.model(batch["images"])
-        losses = self.task_loss(logits, batch["labels"], reduction="none")
+        losses = self.task_loss(logits, batch["labels"], reduction="none").float()
         groups = batch["labels"] * self.n_attrs + batch["attrs"]
-        present = groups.unique()
-        group_loss = torch.stack([losses[groups == g].mean() for g in present])
-        q = self.q.to(logits.device)
-        q[present] = q[present] * torch.exp(self.trainer.recipe.groupdro.eta * group_loss.detach())
+        k = len(self.q)
+        sums = losses.new_zeros(k).index_add(0, groups, losses)
+        counts = torch.bincount(groups, minlength=k).to(losses)
+        # summed over processes (differentiably: DDP's mean of the processes' gradients is the global batch's)
+        sums, counts = self.trainer.dist.sum_over_ranks(torch.stack([sums, counts]))
+        group_loss = sums / counts.clamp_min(1.0)  # the global batch's group means; 0 for a group it lacks
+        q = self.q.to(logits.device) * torch.exp(self.trainer.recipe.groupdro.eta * group_loss.detach())
         q = q / q.sum()
-        self.q = q.detach().cpu()
-        loss = (q[present] * group_loss).sum() / q[present].sum()
-        return {"loss": loss, "nll": losses.mean(), "worst_group_loss": group_loss.max().detach()}
+        self.q = q.cpu()
+        loss = (q * group_loss).sum()
+        return {"loss": loss, "nll": losses.mean(), "worst_group_loss": group_loss.detach()[counts > 0].max()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"q": self.q.clone()}
