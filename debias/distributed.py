@@ -193,6 +193,46 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    """True when ``model`` has a BatchNorm layer (torch's, or a subclass such as timm's ``BatchNormAct2d``)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def plan_batchnorm(setting: bool | str, d: Dist, model: torch.nn.Module) -> str | None:
+    """How ``model``'s BatchNorm layers normalise when several processes train (``train.sync_batchnorm``):
+    ``"synchronized"`` (the global batch's statistics: torch's SyncBatchNorm, CUDA only), ``"per_process"`` (each
+    process's own share of the batch), or None (one process, or no BatchNorm layer: nothing to decide).
+    ``true`` with processes on the CPU is refused, whatever the model."""
+    if not d.active:
+        return None
+    cuda = d.device.type == "cuda"
+    if setting is True and not cuda:
+        raise DebiasError(f"train.sync_batchnorm = true: torch's SyncBatchNorm runs on CUDA only, and these "
+                          f"{d.world} processes train on the CPU; set it to 'auto' or false (each process then "
+                          "normalises with the statistics of its own share of each batch)")
+    if not has_batchnorm(model):
+        return None
+    return "synchronized" if cuda and setting in ("auto", True) else "per_process"
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every BatchNorm layer replaced by a synchronised one (timm's ``convert_sync_batchnorm``:
+    torch's ``SyncBatchNorm``, and timm's ``SyncBatchNormAct`` for its norm + activation layers). The new layers
+    take over the old ones' parameters and buffers under the same names, so the state dict (checkpoints, the
+    safetensors weights) keeps its keys, and a plain model loads it."""
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    return timm_convert(model)
+
+
+def per_process_batchnorm_note(world: int, setting: bool | str) -> str:
+    """The line a run prints when its processes normalise BatchNorm layers each with its own share of the batch."""
+    shown = repr(setting) if isinstance(setting, str) else str(setting).lower()
+    return (f"note: BatchNorm statistics are per process: each of the {world} processes normalises with its own "
+            f"share of each batch (train.sync_batchnorm = {shown}; torch's SyncBatchNorm runs on CUDA only), so "
+            "this run trains a different model than a 1-process run of the same recipe")
+
+
 def shutdown_distributed() -> None:
     """Leave the process group (after the last collective), so that the process exits cleanly."""
     if dist.is_available() and dist.is_initialized():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,11 @@ class TrainCfg:
     """Channels-last memory format for the standalone model and its inputs (faster convolutions on GPUs)."""
     skip_nonfinite: bool = False
     """Skip batches whose loss is not finite (counted in TensorBoard) instead of stopping the run."""
+    sync_batchnorm: bool | str = field(default="auto", metadata=_choices("auto", True, False))
+    """Several processes (torchrun): normalise BatchNorm layers with the statistics of the global batch (timm's
+    ``convert_sync_batchnorm``, torch's ``SyncBatchNorm``, CUDA only). ``auto``: on when the processes train on
+    CUDA; on the CPU each process normalises with its own share of each batch (the run says so). ``true`` on the
+    CPU is refused; ``false``: per process everywhere. One process: nothing to synchronise."""
 
 
 @dataclass
@@ -298,6 +304,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return f"a table of {_type_name(typing.get_args(tp)[1])}"
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(arm) for arm in typing.get_args(tp))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -315,6 +323,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise RecipeError(f"{key} = {value!r}: expected {expected}")
         _, val_tp = typing.get_args(tp)
         return {str(k): _coerce(f"{key}.{k}", v, val_tp) for k, v in value.items()}
+    if isinstance(tp, types.UnionType):  # a value of any one of the arms (bool | str: true, false or a word)
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arm)
+            except RecipeError:
+                pass
+        raise RecipeError(f"{key} = {value!r}: expected {expected}")
     if tp is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{key} = {value!r}: expected {expected}")
@@ -338,7 +353,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _check_meta(key: str, value: Any, meta: typing.Mapping) -> None:
     if "choices" in meta and value not in meta["choices"]:
-        raise RecipeError(f"{key} = {value!r}: expected one of {list(meta['choices'])}{did_you_mean(str(value), meta['choices'])}")
+        choices = meta["choices"]
+        words = [c for c in choices if isinstance(c, str)]
+        shown = str(list(choices)) if len(words) == len(choices) else (  # true/false written as in TOML
+            "[" + ", ".join(repr(c) if isinstance(c, str) else str(c).lower() for c in choices) + "]")
+        raise RecipeError(f"{key} = {value!r}: expected one of {shown}{did_you_mean(str(value), words)}")
     if "range" in meta:
         lo, hi, lo_open = meta["range"]
         bad_lo = lo is not None and (value <= lo if lo_open else value < lo)

@@ -90,7 +90,9 @@ def test_two_processes_match_one_process(tmp_path, case):
     one = json.loads((one_dir / "metrics.json").read_text())
     two = json.loads((two_dir / "metrics.json").read_text())
     _print_side_by_side(case, one, two)
-    assert two["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in one
+    batchnorm = {"batchnorm": "per_process"} if "model.name=test_resnet" in overrides else {}
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo", **batchnorm} and "distributed" not in one
+    assert proc.stderr.count("BatchNorm statistics are per process") == (1 if batchnorm else 0)
     assert (two_dir / "done").exists() and (two_dir / "model.safetensors").exists()
     assert not list(two_dir.glob(".*.tmp"))  # no half-written file from a second writer
     assert one["timing"]["steps"] == two["timing"]["steps"]  # the same global batches

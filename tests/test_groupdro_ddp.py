@@ -1,4 +1,4 @@
-"""GroupDRO as published, alone and on several processes.
+"""GroupDRO as published, alone and on several processes; BatchNorm under DistributedDataParallel.
 
 GroupDRO (Sagawa et al. 2020; the authors' ``LossComputer.compute_robust_loss``): the loss is ``sum_g q_g * loss_g``
 with the updated weights, a group the batch lacks adding 0 (no renormalisation over the groups present); on several
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm.layers
 import torch
 import torch.distributed
 import torch.nn.functional as F
@@ -86,15 +87,89 @@ def test_groupdro_loss_is_the_q_weighted_sum_over_groups_without_renormalising(t
     assert float(terms["worst_group_loss"]) == pytest.approx(worst, rel=1e-5)
 
 
+def test_sync_batchnorm_is_decided_by_the_setting_the_processes_and_the_device():
+    """``train.sync_batchnorm``: one process never converts; several on CUDA synchronise unless false; several on
+    the CPU keep per-process statistics ('auto', false), and true there is refused (torch's SyncBatchNorm needs
+    CUDA), whatever the model. A model without BatchNorm has nothing to decide."""
+    from debias.distributed import Dist, plan_batchnorm
+    from debias.errors import DebiasError
+    from debias.models.standalone import StandaloneModel
+
+    bn, ln = StandaloneModel("test_resnet", 2), StandaloneModel("test_convnext", 2)
+    cpu2, cuda2 = Dist(rank=0, world=2), Dist(rank=0, world=2, device=torch.device("cuda", 0))
+    for setting in ("auto", True, False):
+        assert plan_batchnorm(setting, Dist(), bn) is None  # one process
+        assert plan_batchnorm(setting, Dist(device=torch.device("cuda", 0)), bn) is None
+    assert plan_batchnorm("auto", cuda2, bn) == plan_batchnorm(True, cuda2, bn) == "synchronized"
+    assert plan_batchnorm(False, cuda2, bn) == "per_process"
+    assert plan_batchnorm("auto", cpu2, bn) == plan_batchnorm(False, cpu2, bn) == "per_process"
+    assert plan_batchnorm("auto", cpu2, ln) is plan_batchnorm("auto", cuda2, ln) is None
+    for model in (bn, ln):
+        with pytest.raises(DebiasError, match=r"train.sync_batchnorm = true: .*CUDA only.* 2 processes train on "
+                                              r"the CPU; set it to 'auto' or false"):
+            plan_batchnorm(True, cpu2, model)
+
+
+def test_sync_batchnorm_recipe_key_takes_auto_true_or_false():
+    from debias.errors import DebiasError
+    from debias.recipe import load_recipe
+
+    assert load_recipe(RECIPE).train.sync_batchnorm == "auto"
+    assert load_recipe(RECIPE, ["train.sync_batchnorm=true"]).train.sync_batchnorm is True
+    assert load_recipe(RECIPE, ["train.sync_batchnorm=false"]).train.sync_batchnorm is False
+    with pytest.raises(DebiasError, match=r"train.sync_batchnorm = 'yes': expected one of \['auto', true, false\]"):
+        load_recipe(RECIPE, ["train.sync_batchnorm=yes"])
+    with pytest.raises(DebiasError, match=r"train.sync_batchnorm = 1: expected true or false or a string"):
+        load_recipe(RECIPE, ["train.sync_batchnorm=1"])
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])  # torch's BatchNorm2d, timm's BatchNormAct2d
+def test_sync_batchnorm_conversion_keeps_names_taps_weights_and_outputs(name):
+    """The converted model (what a CUDA run trains) has the plain model's state-dict keys, taps and eval outputs,
+    its checkpoint loads into a plain model, and timm's norm + activation layers keep their activation."""
+    from debias.distributed import convert_sync_batchnorm
+    from debias.models.standalone import StandaloneModel
+
+    torch.manual_seed(0)
+    plain = StandaloneModel(name, 2).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        before, taps_before = plain(x, taps=True)
+    keys = list(plain.state_dict())
+    synced = convert_sync_batchnorm(copy.deepcopy(plain)).eval()
+    layers = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert layers and all(isinstance(m, torch.nn.SyncBatchNorm) for m in layers)
+    if name == "test_efficientnet":
+        assert any(isinstance(m, timm.layers.SyncBatchNormAct) for m in layers)
+    assert list(synced.state_dict()) == keys and synced.tap_names == plain.tap_names
+    with torch.no_grad():
+        after, taps_after = synced(x, taps=True)
+    assert torch.equal(before, after) and all(torch.equal(taps_before[k], taps_after[k]) for k in taps_before)
+    fresh = StandaloneModel(name, 2).eval()
+    fresh.load_state_dict(synced.state_dict())  # a checkpoint of a synchronised run, read by a plain model
+    with torch.no_grad():
+        assert torch.equal(fresh(x), before)
+
+
 # ------------------------------------------------------------------------------------------- two processes
 def _worker(out: Path) -> None:
     """One process of the two-process job (see the module docstring)."""
     from debias.distributed import shutdown_distributed
+    from debias.errors import DebiasError
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer
 
     torch.set_num_threads(1)
     seen: dict = {}
+    try:  # sync_batchnorm = true on the CPU: refused before training
+        Trainer(load_recipe(RECIPE, [*SMALL, "model.name=test_resnet", "train.sync_batchnorm=true"]),
+                out / "refused", progress=False)
+        seen["refused"] = None
+    except DebiasError as exc:
+        seen["refused"] = str(exc)
+    t = Trainer(load_recipe(RECIPE, [*SMALL, "model.name=test_resnet"]), out / "auto", progress=False)
+    seen["auto"] = {"batchnorm": t.batchnorm,
+                    "synced_layers": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in t.net.modules())}
 
     # GroupDRO: the first step on a global batch that lacks a group, one group on rank 0 only
     recipe = load_recipe(RECIPE, GROUPDRO)
@@ -126,10 +201,11 @@ def _worker(out: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
-def test_two_processes_share_groupdro_q(tmp_path):
+def test_two_processes_share_groupdro_q_and_refuse_cpu_sync_batchnorm(tmp_path):
     """Two processes (torchrun, gloo): GroupDRO's first step has the loss, the q and the gradient of the global batch
     (group means over both shares, a group present on one process only counted once), every process ends the run
-    with the same q, and the checkpoint holds it."""
+    with the same q, and the checkpoint holds it; sync_batchnorm = true is refused on the CPU, and 'auto' keeps
+    per-process statistics and says so once."""
     from debias.io import load_state
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
@@ -138,6 +214,11 @@ def test_two_processes_share_groupdro_q(tmp_path):
                            __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for seen in ranks:
+        assert seen["refused"] is not None and "train.sync_batchnorm = true" in seen["refused"]
+        assert "CUDA only" in seen["refused"]
+        assert seen["auto"] == {"batchnorm": "per_process", "synced_layers": 0}
+    assert proc.stderr.count("BatchNorm statistics are per process") == 1  # rank 0's note, once
     for seen in ranks:
         step = seen["first_step"]
         assert step["loss"] == pytest.approx(step["hand_loss"], rel=1e-5)
@@ -148,7 +229,7 @@ def test_two_processes_share_groupdro_q(tmp_path):
     assert ranks[0]["q"] == ranks[1]["q"] == q_ckpt
     assert max(q_ckpt) - min(q_ckpt) > 0.01  # the weights moved: the comparison is not between two uniform q
     metrics = json.loads((tmp_path / "groupdro" / "metrics.json").read_text())
-    assert metrics["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert metrics["distributed"] == {"world_size": 2, "backend": "gloo"}  # no BatchNorm in test_convnext
 
 
 if __name__ == "__main__":  # one process of the torchrun job

@@ -6,10 +6,12 @@ A run directory holds ``recipe.toml`` (resolved), ``model.safetensors`` + ``stat
 Several processes (``torchrun --nproc_per_node=N -m debias train ...``, see :mod:`debias.distributed`): the model
 is wrapped in DistributedDataParallel (``self.model``; ``self.net`` is the plain model for weights, matching and
 evaluation); each process takes the stride share ``batch[rank::world]`` of every global batch (the batches a
-single process would draw, ``train.batch_size`` images) and of every unlabeled-stream batch; BatchNorm buffers are
-broadcast from rank 0 at every epoch boundary, so all processes hold the same model whenever they match, track or
-evaluate; matching statistics are all-reduced and evaluation predictions and embeddings gathered, so every process
-computes the same figures; only rank 0 writes the run directory and prints.
+single process would draw, ``train.batch_size`` images) and of every unlabeled-stream batch; BatchNorm layers
+normalise with the global batch's statistics on CUDA (SyncBatchNorm, ``train.sync_batchnorm``) and with each
+process's share on the CPU (the run prints a note), and their buffers are broadcast from rank 0 at every epoch
+boundary, so all processes hold the same model whenever they match, track or evaluate; matching statistics are
+all-reduced and evaluation predictions and embeddings gathered, so every process computes the same figures; only
+rank 0 writes the run directory and prints.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import random
 import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,8 @@ from .. import io
 from ..concepts import build_concepts
 from ..data import load_dataset
 from ..data.splits import Split
-from ..distributed import Dist, init_distributed
+from ..distributed import (Dist, convert_sync_batchnorm, init_distributed, per_process_batchnorm_note,
+                           plan_batchnorm)
 from ..errors import DebiasError, TrainingInterrupted, did_you_mean
 from ..evaluate import evaluate_splits
 from ..explain import compute_matching, explain_model, probe_split
@@ -93,6 +97,13 @@ class Trainer:
         self.net.check_input(self.bundle.splits["train"].images[0])
         if recipe.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.batchnorm = plan_batchnorm(recipe.train.sync_batchnorm, self.dist, self.net)
+        """Several processes with BatchNorm layers: ``synchronized`` or ``per_process`` (else None)."""
+        if self.batchnorm == "synchronized":
+            self.net = convert_sync_batchnorm(self.net)
+        elif self.batchnorm == "per_process" and self.dist.is_main:
+            print(per_process_batchnorm_note(self.dist.world, recipe.train.sync_batchnorm), file=sys.stderr,
+                  flush=True)
         self.model: torch.nn.Module = self.net
         """What methods call for training forwards: the plain model, or its DistributedDataParallel wrapper."""
         if self.dist.active:
@@ -464,6 +475,8 @@ class Trainer:
             metrics["stream"] = stream
         if self.dist.active:
             metrics["distributed"] = {"world_size": self.dist.world, "backend": torch.distributed.get_backend()}
+            if self.batchnorm is not None:
+                metrics["distributed"]["batchnorm"] = self.batchnorm
         if self.dist.is_main:
             io.atomic_write_json(self.out / "metrics.json", metrics)
             from ..report import plot_concept_scores
