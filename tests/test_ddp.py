@@ -3,20 +3,34 @@
 Run with ``-s`` to see both runs' figures side by side.
 
 Tolerances, and why:
-- ``test_convnext`` (LayerNorm: no statistic across images inside the network) with the ``concept`` method: the two
-  runs compute the same gradient for every step (measured at the first step: 1.7e-6 relative): each process takes
-  half of each global batch, DDP averages the two half-batch cross-entropy means (= the global mean when the halves
-  are equal; the last batch of an epoch, 15 = 8 + 7 images, weighs them 1/16 and 1/14 instead of 1/15), and the
-  penalty's mutual information is computed on the gathered global unlabeled batch. Otherwise only float summation
-  order differs (the all-reduce, the batch split); Adam can amplify such noise on near-zero gradients, so after a
-  few steps weights differ by ~1e-4 and an image on the decision boundary may flip. Allowed: 0.05 on every accuracy,
-  worst-group accuracy, concept score and control; the dominant concept must agree.
-- ``test_resnet`` (BatchNorm) with ``erm`` (learning rate 0.01, so that one epoch learns the colour): each process
-  normalises with the statistics of its half batch (16 images instead of 32; SyncBatchNorm has no CPU kernel),
-  which changes the gradient itself (by tens of percent at initialisation); the two runs are different but equally
-  valid trainings. Allowed: 0.25 on accuracies and scores on this tiny budget, where a colour-led model is near 1.0
-  on the biased splits and at chance elsewhere; the one-draw random-matching controls are printed, not compared
-  (one random graft of a different model).
+- ``test_convnext`` (LayerNorm: no statistic across images inside the network) with the ``concept`` method as the
+  recipe sets it (the MI penalty on a running joint, the feature adversary, self-training): the two runs compute
+  the same gradient for every step (measured at the first step: 1.7e-6 relative): each process takes half of each
+  global batch, DDP averages the two half-batch cross-entropy means (= the global mean when the halves are equal;
+  the last batch of an epoch, 15 = 8 + 7 images, weighs them 1/16 and 1/14 instead of 1/15), the penalty's mutual
+  information is computed on the gathered global unlabeled batch, and the adversary's gradients (its parameters sit
+  outside DDP) are averaged by the trainer, so its weights are compared too. Otherwise only float summation order
+  differs (the all-reduce, the batch split); Adam can amplify such noise on near-zero gradients, so after a few
+  steps weights differ by ~1e-4 and an image on the decision boundary may flip. Allowed: 0.05 on every accuracy,
+  worst-group accuracy, concept score and control.
+- ``test_resnet`` (BatchNorm) with ``erm``: each process normalises with the statistics of its half batch (16
+  images instead of 32; SyncBatchNorm has no CPU kernel, and the run says so), which changes the gradient itself
+  (by tens of percent at initialisation); the two runs are different but equally valid trainings, so only what is
+  a stable function of such a training is compared. Three epochs at learning rate 0.01, so that both runs clearly
+  learn the colour: with seeds 0-3, both runs reach colour score 1.0 and swapped accuracy 0.0 at three epochs,
+  while at two the 2-process run of seed 3 had not (colour 0.59, swapped 0.17) and at one seeds 1 and 3 had not
+  even in one process (colour 0.08 and 0.0). Allowed: 0.25 on accuracies and the colour score, where a colour-led
+  model is near 1.0 on the biased splits and at chance elsewhere. Left out: the one-draw random-matching controls
+  (one random graft of a different model), and the digit score: how the graft's digit captions happen to line up
+  with a colour-reading CNN is no function of what the CNN learnt (0.003 to 0.84 over those eight runs at three
+  epochs; 1.00 against 0.84 between the two runs of seed 0 at one epoch, on a 2-core AMD EPYC without GPU).
+
+The dominant concept is the top score when it leads the runner-up by ``concepts.TIE``, so a score that moves by
+the tolerance between two equally valid trainings (or one left out, the digit score above) can flip the verdict
+whenever the lead is small: the verdicts must be equal where both runs lead by at least twice the tolerance (no
+two scores each within the tolerance of the other run's can then be reordered), and must never name two
+different concepts. A verdict of ``none`` against ``color`` at a lead of 0.0 in one run is the rounding of that run,
+not a difference of the trainings.
 """
 from __future__ import annotations
 
@@ -38,16 +52,15 @@ BASE = ["data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2", 
         "explain.control_draws=1", "train.batch_size=32", "concept.unlabeled_batch_size=8"]
 CASES = {  # overrides, tolerance, whether the random-matching controls (one draw) are compared, figures left out
     "layernorm_concept": (["model.name=test_convnext", "train.method=concept", "train.epochs=2"], 0.05, True, ()),
-    # the adversary's parameters sit outside DDP: the trainer averages their gradients over the processes
-    "layernorm_concept_adversary": (["model.name=test_convnext", "train.method=concept", "train.epochs=2",
-                                     "concept.weight=0", "concept.adversary_weight=1"], 0.05, True, ()),
-    # BatchNorm normalises with each process's share of the batch, so the two runs train slightly different models.
-    # This one reads colour (swapped 0.000 in both); its digit score, how the graft's digit captions happen to line
-    # up with a colour-reading CNN, is no stable function of that behaviour: 0.84 vs 0.58 with every accuracy
-    # identical, on the 2-core CI machine of 2026-11-27. Accuracies, the colour score and the verdict are compared.
-    "batchnorm_erm": (["model.name=test_resnet", "train.method=erm", "train.epochs=1", "train.lr=0.01"], 0.25, False,
+    "batchnorm_erm": (["model.name=test_resnet", "train.method=erm", "train.epochs=3", "train.lr=0.01"], 0.25, False,
                       ("score/digit",)),
 }
+
+
+def _lead(scores: dict[str, float]) -> float:
+    """How far the top concept score leads the runner-up (0 when fewer than two are finite)."""
+    finite = sorted((v for v in scores.values() if v == v), reverse=True)
+    return finite[0] - finite[1] if len(finite) > 1 else 0.0
 
 
 def _figures(metrics: dict) -> dict[str, float]:
@@ -99,8 +112,10 @@ def test_two_processes_match_one_process(tmp_path, case):
     assert set(one["selection"]) == set(two["selection"])
     for split in one["splits"]:
         assert one["splits"][split]["n"] == two["splits"][split]["n"]  # gathered predictions cover the split
-    if "concept.adversary_weight=1" in overrides:  # the adversary (outside DDP) got the global batch's gradient
-        a1, a2 = (load_state(d / "checkpoint.pt")["method"]["adversary"] for d in (one_dir, two_dir))
+    m1, m2 = (load_state(d / "checkpoint.pt")["method"] for d in (one_dir, two_dir))
+    assert ("adversary" in m1) == ("adversary" in m2) == ("concept" in case)  # the recipe's concept has one
+    if "adversary" in m1:  # the adversary (outside DDP) got the global batch's gradient
+        a1, a2 = m1["adversary"], m2["adversary"]
         diff = max(float((a1[k] - a2[k]).abs().max()) for k in a1)
         print(f"  adversary weights, largest difference: {diff:.2e}")
         assert diff < 1e-3
@@ -111,4 +126,10 @@ def test_two_processes_match_one_process(tmp_path, case):
     bad = {k: (f1[k], f2[k]) for k in keys
            if not abs(f1[k] - f2[k]) <= limit[k] and not (f1[k] != f1[k] and f2[k] != f2[k])}
     assert not bad, f"figures differ by more than the tolerance ({tol}; worst groups {2 * tol}): {bad}"
-    assert one["explain"]["dominant_concept"] == two["explain"]["dominant_concept"]
+    v1, v2 = one["explain"]["dominant_concept"], two["explain"]["dominant_concept"]
+    if min(_lead(one["explain"]["scores"]), _lead(two["explain"]["scores"])) >= 2 * tol:
+        assert v1 == v2
+    else:  # decided by less than the scores may move: either may say none, but not another concept
+        assert v1 == v2 or "none" in (v1, v2), (v1, v2)
+    if case == "layernorm_concept":  # the same gradients: the same verdict, however close
+        assert v1 == v2
