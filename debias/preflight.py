@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from .errors import DebiasError, did_you_mean
-from .models.hub import CLIP_HUB, TIMM_FILES, TIMM_HUB, cached_file, find_clip_weights
+from .models.hub import (CLIP_HUB, TIMM_FILES, TIMM_HUB, cached_file, find_clip_weights, is_torchscript_archive,
+                         torchscript_message)
 from .recipe import Recipe
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -169,7 +170,7 @@ def _clip_weights_problem(recipe: Recipe) -> str | None:
         return None
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if Path(pretrained).is_file():  # a file path: no need to import open_clip to check it
-            return None
+            return torchscript_message(pretrained) if is_torchscript_archive(pretrained) else None
     try:
         if (c.name, pretrained) in CLIP_HUB:  # the shipped recipes' CLIP: no open_clip import (seconds)
             find_clip_weights(c.name, pretrained, CLIP_HUB[c.name, pretrained], c.cache_dir)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import DebiasError, did_you_mean
 from ..recipe import ClipCfg
-from .hub import find_clip_weights
+from .hub import find_clip_weights, is_torchscript_archive, torchscript_message
 
 CLIP_STAGES = ("layer1", "layer2", "layer3", "layer4")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -140,6 +140,8 @@ def resolve_clip_weights(name: str, pretrained: str, cache_dir: str = "") -> str
         if not Path(pretrained).is_file():
             raise DebiasError(f"clip.pretrained = {pretrained!r}: weights file not found; download the "
                               f"{name} weights on a connected machine and give the local path")
+        if is_torchscript_archive(pretrained):
+            raise DebiasError(torchscript_message(pretrained))
         return pretrained
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:

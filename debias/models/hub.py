@@ -56,3 +56,30 @@ def find_clip_weights(name: str, tag: str, hub: str, cache_dir: str = "", url: s
                           f"from {where} on a connected machine and set clip.pretrained to the file path, or copy "
                           "the hub cache here")
     return found
+
+
+CONVERTER = "tools/convert_openai_clip.py"
+"""The tool that turns OpenAI's TorchScript CLIP archive into a safetensors file ``clip.pretrained`` loads."""
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (OpenAI's own ``RN50.pt``): a zip with ``<name>/constants.pkl``,
+    the record ``torch.load`` itself looks for before refusing such a file under ``weights_only=True``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def torchscript_message(path: str) -> str:
+    """The one-line error for a TorchScript ``clip.pretrained``: weights are loaded weights-only (no code runs), so
+    the archive is converted once, on the user's command, by :data:`CONVERTER`."""
+    from pathlib import Path
+
+    out = str(Path(path).with_suffix(".safetensors"))
+    return (f"clip.pretrained = {path!r}: a TorchScript archive (OpenAI's own CLIP file), which weights-only loading "
+            f"refuses; convert it once with `python {CONVERTER} {path} {out}` (it runs the archive's code once) and "
+            f"set clip.pretrained = {out!r}")
