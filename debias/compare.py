@@ -26,10 +26,11 @@ def variant(metrics: dict[str, Any]) -> str:
 
 
 def setting(metrics: dict[str, Any]) -> str:
-    """The settings a sweep varies: the bias, and the penalty weight for ``concept``."""
+    """The settings a sweep varies: the bias (rendered datasets only: a folder dataset's images fix their own, and
+    ``data.bias`` is not read), and the penalty weight for ``concept``."""
     recipe = metrics.get("recipe", {})
     data = recipe.get("data", {})
-    parts = [f"bias={data.get('bias')}"]
+    parts = [] if data.get("name") == "folder" else [f"bias={data.get('bias')}"]
     if metrics.get("method") == "concept":
         parts.append(f"weight={recipe.get('concept', {}).get('weight')}")
     return ",".join(parts)
@@ -51,7 +52,7 @@ def settings(metrics: list[dict[str, Any]]) -> list[str]:
         members = [f for f, v in zip(flats, variants) if v == var]
         keys = set().union(*members) - _IN_SETTING
         varying[var] = sorted(k for k in keys if len({repr(f.get(k)) for f in members}) > 1)
-    return [",".join([setting(m)] + [f"{k}={f.get(k)}" for k in varying[v]])
+    return [",".join(filter(None, [setting(m)] + [f"{k}={f.get(k)}" for k in varying[v]]))
             for m, f, v in zip(metrics, flats, variants)]
 
 
@@ -467,7 +468,7 @@ def plot_compare(result: dict[str, Any], out: Path) -> None:
         return
     splits = [s for s in SPLIT_ORDER if any(s in g["splits"] for g in groups) and s != "val"]
     # one setting per line, without its recipe section (concept.adversary_weight=1.0 -> adversary_weight=1.0)
-    labels = [f"{g['method']}\n" + "\n".join(map(_short, _SETTING_PARTS.split(g["setting"]))) for g in groups]
+    labels = ["\n".join([g["method"]] + [_short(p) for p in _SETTING_PARTS.split(g["setting"]) if p]) for g in groups]
     per_group = max(1.2, 0.095 * max(len(line) for label in labels for line in label.splitlines()))
     width = 0.8 / max(1, len(splits))
     fig, ax = plt.subplots(figsize=(max(6, per_group * len(groups)), 3.8))

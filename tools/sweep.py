@@ -16,6 +16,9 @@ run starts, the sweep exits 130 (``--jobs 1`` too), and the same command resumes
 
 A method ``concept:SOURCE`` is the concept method with ``concept.source = SOURCE``.
 
+A folder dataset (``data.name = "folder"``: Waterbirds, CelebA) takes no ``--bias``: its images fix their own bias, so
+its runs are ``OUT/<method>_seed<seed>`` and the compare labels them without one.
+
 A run folder holds about 300 MB on the default recipe, 130 MB of it ``checkpoint.pt`` (the model, optimizer
 and method state a killed run resumes from). ``--drop-training-state`` deletes that file once a run has finished; the
 model, the selection rules' checkpoints and the figures stay, and compare and ``debias explain`` need no more.
@@ -46,8 +49,10 @@ STOP_MESSAGE = ("sweep interrupted: the runs in progress stop after their curren
 ALL_METHODS = ["erm", "concept:graft", "concept:clip", "concept:labels", "groupdro", "jtt", "reweight", "augment"]
 
 
-def run_dir(out: Path, method: str, bias: float, seed: int) -> Path:
-    return out / f"{method.replace(':', '-')}_bias{bias}_seed{seed}"
+def run_dir(out: Path, method: str, bias: float | None, seed: int) -> Path:
+    """``OUT/<method>_bias<bias>_seed<seed>``; without the bias for a folder dataset (``bias`` None), whose images
+    fix their own."""
+    return out / f"{method.replace(':', '-')}{'' if bias is None else f'_bias{bias}'}_seed{seed}"
 
 
 def drop_training_state(d: Path) -> None:
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="recipes/colored_digits.toml")
     p.add_argument("--methods", nargs="+", default=ALL_METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--bias", type=float, nargs="+", default=[1.0])
+    p.add_argument("--bias", type=float, nargs="+", default=None,
+                   help="data.bias values (default 1.0); not for a folder dataset, whose images fix their own bias")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1, in this process)")
@@ -174,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {str(out)!r}: exists and is not a directory")
+    try:
+        folder = load_recipe(args.recipe, args.overrides).data.name == "folder"
+    except DebiasError as e:
+        p.error(str(e))
+    if folder and args.bias is not None:
+        p.error(f"--bias {' '.join(map(str, args.bias))}: {args.recipe} is a folder dataset (data.name = 'folder'), "
+                "whose images fix the bias; data.bias is not read, so drop --bias")
     runs, todo, t0 = [], [], time.perf_counter()
-    for bias in args.bias:
+    for bias in [None] if folder else (args.bias or [1.0]):
         for method in args.methods:
             for seed in args.seeds:
                 d = run_dir(out, method, bias, seed)
@@ -183,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 runs.append(d)
                 name, _, source = method.partition(":")
-                sets = args.overrides + [f"seed={seed}", f"data.bias={bias}"]
+                sets = args.overrides + [f"seed={seed}"] + ([] if bias is None else [f"data.bias={bias}"])
                 if source:
                     sets.append(f"concept.source={source}")
                 try:  # every run's recipe is checked before the first run starts
