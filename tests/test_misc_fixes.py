@@ -47,3 +47,16 @@ def test_sweep_of_a_folder_recipe_names_runs_without_a_bias_and_refuses_one(tmp_
     failed = subprocess.run(sweep, capture_output=True, text=True, cwd=ROOT)
     assert failed.returncode == 2 and "erm_seed0: exit 2" in failed.stdout, failed.stdout + failed.stderr
     assert "bias" not in failed.stdout
+
+
+def test_package_metadata_matches_the_code():
+    """requires-python admits only versions with tomllib (3.11+, which debias.recipe imports), and every package-data
+    pattern matches a shipped file (a pattern matching nothing ships nothing, silently)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["requires-python"] == ">=3.11"
+    assert "import tomllib" in (ROOT / "debias" / "recipe.py").read_text()
+    for package, patterns in project["tool"]["setuptools"]["package-data"].items():
+        for pattern in patterns:
+            assert list((ROOT / package.replace(".", "/")).glob(pattern)), f"{package}: {pattern} matches nothing"
