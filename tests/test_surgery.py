@@ -134,13 +134,31 @@ def test_swap_rescales_to_clip_statistics(tiny_clip):
     assert graft.start == "layer4"  # CLIP before layer4 cannot reach the embedding and is skipped
 
 
-def test_random_control_keeps_counts_per_stage(tiny_clip):
+@pytest.mark.parametrize("selection", ["paper", "mutual"])
+def test_random_control_keeps_counts_per_stage(tiny_clip, selection):
+    """The control swaps as many CLIP channels per stage as the matching, at random positions, each fed a valid
+    channel of a tap the matching uses. Under ``paper`` every CLIP channel is matched, so the count alone says
+    nothing: the ``mutual`` case, where most CLIP channels stay unmatched, is the one where a wrong count shows."""
     model = StandaloneModel("resnet10t", 2)
-    m = _real_matching(model, tiny_clip)
+    m = _real_matching(model, tiny_clip, selection=selection)
     r = random_matching(m, model.tap_channels, torch.Generator().manual_seed(0))
+    n = {c: s.tap.shape[0] for c, s in m.stages.items()}
+    counts = {c: int(s.matched.sum()) for c, s in m.stages.items()}
+    if selection == "paper":
+        assert counts == n  # the paper: each CLIP channel takes its best standalone channel
+    else:
+        assert all(0 < k < n[c] for c, k in counts.items() if k) and 0 < sum(counts.values()) < sum(n.values())
+    used = {int(t) for s in m.stages.values() for t in s.tap[s.matched]}
     for c in m.stages:
-        assert int(r.stages[c].matched.sum()) == int(m.stages[c].matched.sum())
-    assert not torch.equal(r.stages["layer4"].channel, m.stages["layer4"].channel)
+        mine = r.stages[c]
+        assert int(mine.matched.sum()) == counts[c], c
+        assert {int(t) for t in mine.tap[mine.matched]} <= used, c
+        for t, ch in zip(mine.tap[mine.matched].tolist(), mine.channel[mine.matched].tolist()):
+            assert 0 <= ch < model.tap_channels[m.taps[t]], (c, t, ch)
+        assert bool((mine.channel[~mine.matched] == -1).all()), c
+    assert any(not torch.equal(r.stages[c].channel, m.stages[c].channel) for c in m.stages)
+    if selection == "mutual":  # the swapped positions themselves are drawn, not copied from the matching
+        assert any(not torch.equal(r.stages[c].matched, m.stages[c].matched) for c in m.stages if counts[c])
 
 
 def test_recipe_graft_defaults():
