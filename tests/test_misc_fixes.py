@@ -60,3 +60,73 @@ def test_package_metadata_matches_the_code():
     for package, patterns in project["tool"]["setuptools"]["package-data"].items():
         for pattern in patterns:
             assert list((ROOT / package.replace(".", "/")).glob(pattern)), f"{package}: {pattern} matches nothing"
+
+
+TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
+        "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t"]
+
+
+def _trainer(tmp_path: Path, method: str, *sets: str):
+    from debias.recipe import load_recipe
+    from debias.train.loop import Trainer
+
+    recipe = load_recipe(ROOT / "recipes" / "colored_digits.toml", [*TINY, f"train.method={method}", *sets])
+    return Trainer(recipe, tmp_path, progress=False)
+
+
+def test_reweight_draws_every_group_equally_often(tmp_path):
+    """Each group present in training carries the same total sampling weight (exactly), and the trainer's own loader,
+    drawing with those weights, yields the groups about equally often although the biased split does not hold them
+    so (bias 0.8: about four majority images to one minority image per class)."""
+    import torch
+
+    trainer = _trainer(tmp_path, "reweight", "data.bias=0.8")
+    split = trainer.bundle.splits["train"]
+    n_groups = len(split.class_names) * len(split.attr_names)
+    drawn, held = torch.zeros(n_groups), torch.zeros(n_groups)
+    for epoch in range(8):
+        loader = trainer.train_loader(epoch)  # re-renders the split for the epoch, then weighs its groups
+        groups = split.groups
+        present = groups.unique()
+        weights = trainer.method.sample_weights()
+        totals = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, weights.double())[present]
+        assert torch.allclose(totals, torch.ones_like(totals)), totals  # every group's total: 1, the same
+        held += torch.bincount(groups, minlength=n_groups)
+        for _, labels, attrs in loader:
+            drawn += torch.bincount(labels * len(split.attr_names) + attrs, minlength=n_groups)
+    present = held > 0
+    assert int(present.sum()) == 4 and held[present].min() < 0.5 * held[present].max()  # the split is imbalanced
+    share = drawn[present] / drawn.sum()
+    assert torch.allclose(share, torch.full_like(share, 0.25), atol=0.05), share  # sampled about equally
+
+
+def _seen_by_the_model(trainer):
+    """One training step on the loader's first batch; the raw images and the images the model was given."""
+    import torch
+
+    images, labels, attrs = next(iter(trainer.train_loader(0)))
+    seen = []
+    hook = trainer.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    try:
+        trainer.train_step({"images": images, "labels": labels, "attrs": attrs})
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and seen[0].shape == images.shape
+    return images, seen[0].to(torch.float32)
+
+
+def test_augment_transforms_the_images_inside_training(tmp_path):
+    """``augment`` feeds the model transformed images: a channel permutation keeps each pixel's set of channel values
+    (and changes most images); grayscale at p = 1 makes the three channels equal, the luminance of the raw image."""
+    import torch
+    from torchvision.transforms.v2.functional import rgb_to_grayscale
+
+    raw, seen = _seen_by_the_model(_trainer(tmp_path / "perm", "augment", 'augment.transforms=["channel_permutation"]'))
+    assert torch.equal(seen.sort(dim=1).values, raw.sort(dim=1).values)  # each pixel's channel values, permuted
+    changed = (seen != raw).flatten(1).any(1)
+    assert changed.float().mean() > 0.5, changed  # identity is 1 of 6 orders
+
+    raw, seen = _seen_by_the_model(_trainer(tmp_path / "gray", "augment", 'augment.transforms=["grayscale"]',
+                                            "augment.grayscale_p=1.0"))
+    assert torch.allclose(seen, rgb_to_grayscale(raw, num_output_channels=3), atol=1e-6)
+    assert not torch.allclose(raw[:, 0], raw[:, 1])  # the raw batch is coloured: the equality above is the transform's
