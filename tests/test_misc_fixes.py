@@ -130,3 +130,19 @@ def test_augment_transforms_the_images_inside_training(tmp_path):
                                             "augment.grayscale_p=1.0"))
     assert torch.allclose(seen, rgb_to_grayscale(raw, num_output_channels=3), atol=1e-6)
     assert not torch.allclose(raw[:, 0], raw[:, 1])  # the raw batch is coloured: the equality above is the transform's
+
+
+def test_bench_matching_takes_a_recipes_models_and_image_size():
+    """tools/bench_matching.py --recipe: the recipe's models (random weights), image size and matching batch, shrunk
+    here by --set; the cost per further 100 images; --set without a recipe is refused."""
+    bench = [sys.executable, "tools/bench_matching.py", "--sizes", "8", "16", "--pair-sums", "adjoint", "--repeats",
+             "1"]
+    done = subprocess.run([*bench, "--recipe", "recipes/colored_mnist_paper.toml", "--set", "data.image_size=40",
+                           "model.name=resnet10t", 'clip.name="digits"', 'clip.pretrained=""',
+                           "matching.batch_size=8"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("matching resnet10t x digits CLIP (model random weights, CLIP weights shipped), "
+                                  "40 px, batch 8,"), done.stdout
+    assert "adjoint: each further 100 images" in done.stdout
+    refused = subprocess.run([*bench, "--set", "data.image_size=40"], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "give the recipe it overrides with --recipe" in refused.stderr
