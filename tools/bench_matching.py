@@ -100,7 +100,8 @@ def child(n: int, recipe_path: str | None, overrides: list[str], model_name: str
     weights = "model random weights, CLIP " + ("random weights" if recipe.clip.pretrained == "random" else
                                                 "weights " + (recipe.clip.pretrained or "shipped"))
     return {"n": n, "pair_sums": pair_sums, "model": recipe.model.name, "clip": recipe.clip.name, "weights": weights,
-            "image_size": size, "batch_size": recipe.matching.batch_size, "seconds": statistics.median(times), "rss_before_mb": rss_before,
+            "image_size": size, "batch_size": recipe.matching.batch_size, "seconds": statistics.median(times),
+            "rss_before_mb": rss_before,
             "peak_rss_mb": _vm("VmHWM"), "images_mb": images.numel() * 4 / 2**20,
             "corr_mean_layer2": matching.summary()["layer2"]["corr_mean"],
             "selected": {c: [m.tap.tolist(), m.channel.tolist()] for c, m in matching.stages.items()},
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"matching memory (peak - before) ratio "
                   f"{(b['peak_rss_mb'] - b['rss_before_mb']) / max(1e-9, a['peak_rss_mb'] - a['rss_before_mb']):.2f}")
             if b["n"] > a["n"]:  # the cost of further images, without the fixed cost (first batch, selection)
-                print(f"{mode}: each further 100 images {100 * (b['seconds'] - a['seconds']) / (b['n'] - a['n']):.1f} s "
+                per_100 = 100 * (b["seconds"] - a["seconds"]) / (b["n"] - a["n"])
+                print(f"{mode}: each further 100 images {per_100:.1f} s "
                       f"and {100 * (b['peak_rss_mb'] - a['peak_rss_mb']) / (b['n'] - a['n']):+.0f} MB of peak memory "
                       f"({100 * (b['images_mb'] - a['images_mb']) / (b['n'] - a['n']):.0f} MB of it the probe images "
                       "this benchmark holds)")
