@@ -1,12 +1,14 @@
 """Files of a run directory: atomic writes, safe checkpoints, the ``done`` marker.
 
-Every file is written to a temporary name in the same folder, flushed, fsynced and renamed over the old one,
-so a kill at any moment leaves either the previous good file or the new one, never a partial file.
+Every file is written to a temporary name in the same folder, flushed, fsynced and renamed over the old one, and
+the folder is fsynced (the rename is on disk), so a kill or a power loss at any moment leaves either the previous good
+file or the new one, never a partial file.
 Weights go to safetensors; other training state to a torch file loaded with ``weights_only=True`` (no code
 can run on load).
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -32,10 +34,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power loss only once its directory is synced
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (a rename, a new file) to disk; POSIX only (Windows cannot open a directory)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # a file system that cannot sync one
+            raise
+    finally:
+        os.close(fd)
 
 
 def _jsonable(obj: Any) -> Any:
