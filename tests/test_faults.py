@@ -18,6 +18,62 @@ TINY = ["train.epochs=2", "data.train_copies=1", "data.eval_copies=1", "data.unl
         "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t"]
 
 
+def _tensors(tree, prefix=""):
+    """Every tensor of a nested dict / list (a method's state), keyed by its path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree.detach().cpu().clone()}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {k: v for key, sub in items for k, v in _tensors(sub, f"{prefix}/{key}").items()}
+
+
+def _state(t: Trainer) -> dict[str, torch.Tensor]:
+    """The model's weights and buffers, the optimizer's moments and the method's state."""
+    return {**_tensors(t.net.state_dict(), "net"), **_tensors(t.method.state_dict(), "method"),
+            **_tensors(t.optimizer.state_dict()["state"], "optimizer")}
+
+
+@pytest.mark.parametrize("method", [
+    ["train.method=groupdro"],
+    ["train.method=concept", "concept.unlabeled_batch_size=8", "concept.joint_decay=0.9", "concept.adversary_weight=1",
+     "concept.adversary_memory=2"],
+], ids=["groupdro", "concept"])
+def test_a_nonfinite_batch_is_skipped_before_any_state_changes(tmp_path, method):
+    """One NaN pixel in one training image makes the whole step's loss NaN (BatchNorm's batch statistics spread it).
+    The skipped step must leave everything as it was: GroupDRO's group weights, the concept method's running joint
+    and adversary memory, BatchNorm's running statistics, the weights; the later steps train normally, and
+    metrics.json counts the one skipped step."""
+    recipe = load_recipe(RECIPE, TINY + method + ["train.skip_nonfinite=true", "selection.track_concepts=false"])
+    t = Trainer(recipe, tmp_path / "run", progress=False)
+    bad_step = t.steps_per_epoch + 1  # in the second epoch: every method state has been updated before
+    step = t.train_step
+    seen = {}
+
+    def step_with_a_nan(batch):
+        if t.step != bad_step:
+            return step(batch)
+        images = batch["images"].clone()
+        images[0, 0, 0, 0] = float("nan")  # a real NaN through the real model
+        seen["before"] = _state(t)
+        terms = step({**batch, "images": images})
+        seen["after"] = _state(t)
+        seen["terms"] = terms
+        return terms
+
+    t.train_step = step_with_a_nan
+    metrics = t.fit()
+    assert seen["terms"] == {} and t.skipped_steps == [bad_step]
+    assert metrics["timing"]["skipped_steps"] == 1
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["timing"]["skipped_steps"] == 1
+    before, after = seen["before"], seen["after"]
+    assert set(before) == set(after)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"state changed by the skipped step: {changed[:5]}"
+    assert any(k.startswith("method/") for k in before)  # q, or the joint and the memory, were compared
+    final = _state(t)
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    assert all(m["accuracy"] is not None and 0 <= m["accuracy"] <= 1 for m in metrics["splits"].values())
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads open file names from Linux /proc")
 def test_an_atomic_write_syncs_its_directory_after_the_rename(tmp_path, monkeypatch):
     """The rename of an atomic write reaches the disk only when its directory is fsynced: without that a power loss

@@ -96,6 +96,7 @@ def test_groupdro_weights_move_toward_worst_group(tmp_path):
     worst = max(per_group, key=per_group.get)
     before = t.method.q.clone()
     t.method.loss_terms({k: v for k, v in batch.items()}, 0)
+    t.method.commit()  # what the trainer does once the loss is finite
     after = t.method.q
     assert after[worst] > before[worst]
     assert after[worst] == after[present].max()
@@ -547,6 +548,7 @@ def test_adversary_memory_trains_the_adversary_on_past_batches_and_leaves_the_cn
     batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
     for filled in (1, 2, 2):  # the memory grows to two batches, then keeps the latest two
         method.loss_terms(batch, 0)
+        method.commit()  # what the trainer does once the loss is finite
         assert len(method.adversary_memory) == filled
     past = list(method.adversary_memory)
     stream_batch = t.next_unlabeled()
@@ -554,6 +556,7 @@ def test_adversary_memory_trains_the_adversary_on_past_batches_and_leaves_the_cn
     images_u, index_u = stream_batch
     q = method._cache_q()[index_u]
     terms = method.loss_terms(batch, 0)
+    method.commit()
     assert [f for f, _ in method.adversary_memory[:1]] == [past[1][0]]  # the oldest left, this batch came in
     read = []  # the features of this batch, with the step's batch statistics
     hook = t.net.net.get_classifier().register_forward_pre_hook(lambda module, args: read.append(args[0]))

@@ -415,22 +415,31 @@ class Trainer:
         if self.recipe.train.channels_last:
             batch = {**batch, "images": batch["images"].contiguous(memory_format=torch.channels_last)}
         amp = self.amp_dtype is not None
+        skip = self.recipe.train.skip_nonfinite
+        # the training forward updates BatchNorm's running statistics before the loss can be checked: a batch that
+        # is skipped must not leave them poisoned, so they are copied first (about a thousandth of the weights)
+        buffers = [b.detach().clone() for b in self.net.buffers()] if skip else []
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
-            terms = self.method.loss_terms(batch, self.step)
+            terms = self.method.loss_terms(batch, self.step)  # the method's state updates are staged, not applied
         loss = terms["loss"].float()
         logged = terms
         if self.dist.active:  # the mean over processes: logged, and one finiteness verdict for every process
             means = self.dist.mean(torch.stack([v.detach().float() for v in terms.values()]))
             logged = dict(zip(terms, means))
-        if not torch.isfinite(logged["loss"]):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in logged.items())
-            if self.recipe.train.skip_nonfinite:
+        if not torch.isfinite(logged["loss"]):  # every process takes the same verdict (the mean over processes)
+            self.method.discard()
+            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in logged.items())
+            if skip:
+                with torch.no_grad():
+                    for b, saved in zip(self.net.buffers(), buffers):
+                        b.copy_(saved)
                 self.skipped_steps.append(self.step)
                 self.writer.add_scalar("train/skipped_nonfinite", len(self.skipped_steps), self.step)
                 return {}
             raise DebiasError(f"non-finite loss at step {self.step} (epoch {self.epoch}): {detail}; the last good "
                               f"checkpoint is kept in {self.out}; set train.skip_nonfinite = true to skip such "
                               "batches")
+        self.method.commit()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.dist.active:  # the method's own parameters sit outside DDP: average their gradients as DDP does
@@ -466,7 +475,7 @@ class Trainer:
             "explain": explanation,
             "timing": {"train_s": train_s,
                        "step_s_median": statistics.median(self.step_times) if self.step_times else 0.0,
-                       "steps": self.step},
+                       "steps": self.step, "skipped_steps": len(self.skipped_steps)},
             "selection": selection,
             "history": self.history,
             "recipe": r.to_dict(),

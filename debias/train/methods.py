@@ -38,6 +38,22 @@ class Method:
 
     def __init__(self, trainer: "Trainer"):
         self.trainer = trainer
+        self._staged: dict[str, Any] = {}
+
+    def stage(self, **updates: Any) -> None:
+        """Hold state updates that ``loss_terms`` computed from the batch (GroupDRO's weights, a running joint, a
+        memory of features) until the trainer has seen the step's loss finite: ``commit`` then sets them as
+        attributes, ``discard`` drops them, so a skipped step leaves the method's state as it was. ``loss_terms``
+        must change no state of its own directly."""
+        self._staged.update(updates)
+
+    def commit(self) -> None:
+        for name, value in self._staged.items():
+            setattr(self, name, value)
+        self._staged = {}
+
+    def discard(self) -> None:
+        self._staged = {}
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         logits = self.trainer.model(batch["images"])
@@ -344,8 +360,7 @@ class ConceptPenalty(Method):
         loss = ce.mean() if not memory else (ce.sum() - sum((old_q * self.adversary(old).log_softmax(-1)).sum()
                                                             for old, old_q in memory)) / rows
         if self.cfg.adversary_memory:
-            memory.append((features.detach(), q.detach()))
-            del memory[:-self.cfg.adversary_memory]
+            self.stage(adversary_memory=[*memory, (features.detach(), q.detach())][-self.cfg.adversary_memory:])
         return loss
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
@@ -385,9 +400,9 @@ class ConceptPenalty(Method):
                 with torch.no_grad():
                     batch_joint = p_all.detach().T @ q_all / len(q_all)
                     d = self.cfg.joint_decay
-                    self.joint = (batch_joint if self.joint is None
-                                  else d * self.joint.to(x.device) + (1 - d) * batch_joint)
-                    penalty, pmi = mutual_information_of_joint(self.joint)
+                    joint = batch_joint if self.joint is None else d * self.joint.to(x.device) + (1 - d) * batch_joint
+                    self.stage(joint=joint)
+                    penalty, pmi = mutual_information_of_joint(joint)
                 # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its
                 # expected value and, scaled by 1 / (1 - d) to a per-batch step, its gradient w.r.t. the batch's logits
                 objective = (p_all * (q_all @ pmi.T)).sum(1).mean()
@@ -435,7 +450,7 @@ class GroupDRO(Method):
         group_loss = sums / counts.clamp_min(1.0)  # the global batch's group means; 0 for a group it lacks
         q = self.q.to(logits.device) * torch.exp(self.trainer.recipe.groupdro.eta * group_loss.detach())
         q = q / q.sum()
-        self.q = q.cpu()
+        self.stage(q=q.detach().cpu())  # ``self.q`` changes only when the step is taken
         loss = (q * group_loss).sum()
         return {"loss": loss, "nll": losses.mean(), "worst_group_loss": group_loss.detach()[counts > 0].max()}
 
