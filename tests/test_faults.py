@@ -32,6 +32,12 @@ def _state(t: Trainer) -> dict[str, torch.Tensor]:
             **_tensors(t.optimizer.state_dict()["state"], "optimizer")}
 
 
+def _metrics_without_timing(path: Path) -> dict:
+    m = json.loads(path.read_text())
+    m.pop("timing")
+    return m
+
+
 @pytest.mark.parametrize("method", [
     ["train.method=groupdro"],
     ["train.method=concept", "concept.unlabeled_batch_size=8", "concept.joint_decay=0.9", "concept.adversary_weight=1",
@@ -74,6 +80,54 @@ def test_a_nonfinite_batch_is_skipped_before_any_state_changes(tmp_path, method)
     assert all(m["accuracy"] is not None and 0 <= m["accuracy"] <= 1 for m in metrics["splits"].values())
 
 
+def _signal_in(t: Trainer, name: str, when) -> None:
+    """Send SIGTERM to this process at the start of ``t.<name>`` when ``when()`` holds (a real signal, taken by the
+    trainer's handler)."""
+    original = getattr(t, name)
+
+    def wrapped(*args, **kwargs):
+        if when():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    setattr(t, name, wrapped)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "ref"
+    recipe = load_recipe(RECIPE, TINY)
+    Trainer(recipe, out, progress=False).fit()
+    return recipe, out
+
+
+@pytest.mark.parametrize("phase", ["track", "explain"])
+def test_a_signal_during_tracking_or_final_evaluation_stops_the_run(tmp_path, reference, phase):
+    """SIGTERM during the per-epoch tracking stops the run right after that epoch's checkpoint; during the final
+    evaluation it stops before metrics.json and ``done`` are written. Either way the run exits as stopped (143), and
+    the same command resumes it to the result of a run never stopped."""
+    recipe, ref = reference
+    run = tmp_path / "run"
+    t = Trainer(recipe, run, progress=False)
+    _signal_in(t, phase, lambda: phase == "explain" or t.epoch == 1)  # tracking: the first of two epochs
+    caught = []
+    old = signal.signal(signal.SIGTERM, lambda *a: caught.append(a))  # a signal the trainer ignores lands here
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            t.fit()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert stopped.value.exit_code == 143 and "resume with the same command" in str(stopped.value)
+    assert not caught
+    assert not (run / "done").exists() and not (run / "metrics.json").exists()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    epoch = 1 if phase == "track" else 2
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (epoch, 0, epoch * t.steps_per_epoch)
+    Trainer(recipe, run, progress=False).fit()
+    assert (run / "done").exists()
+    assert _metrics_without_timing(run / "metrics.json") == _metrics_without_timing(ref / "metrics.json")
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads open file names from Linux /proc")
 def test_an_atomic_write_syncs_its_directory_after_the_rename(tmp_path, monkeypatch):
     """The rename of an atomic write reaches the disk only when its directory is fsynced: without that a power loss
@@ -92,3 +146,23 @@ def test_an_atomic_write_syncs_its_directory_after_the_rename(tmp_path, monkeypa
     assert json.loads((tmp_path / "sub" / "metrics.json").read_text()) == {"a": 1}
     assert synced[-1] == str(tmp_path / "sub")  # the directory, after the file's own data
     assert len(synced) == 2 and synced[0].startswith(str(tmp_path / "sub" / ".metrics.json."))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checkpoints_carry_the_cuda_generator(tmp_path):
+    """Augmentations draw on the CUDA generator: a resumed run must continue its sequence. A checkpoint written on
+    the CPU loads on CUDA (the generator is left as seeded) and one written on CUDA loads on the CPU."""
+    cuda = load_recipe(RECIPE, TINY + ["train.device=cuda"])
+    t = Trainer(cuda, tmp_path / "cuda", progress=False)
+    torch.rand(100, device=t.device)  # the generator moved on from its seed
+    t.save_checkpoint()
+    expected = torch.rand(100, device=t.device)
+    torch.rand(1000, device=t.device)
+    resumed = Trainer(cuda, tmp_path / "cuda", progress=False)
+    resumed.load_checkpoint()
+    assert torch.equal(torch.rand(100, device=t.device), expected)
+    cpu = load_recipe(RECIPE, TINY + ["train.device=cpu"])
+    on_cpu = Trainer(cpu, tmp_path / "cuda", progress=False)
+    on_cpu.load_checkpoint()  # a CUDA checkpoint on the CPU
+    on_cpu.save_checkpoint()
+    Trainer(cuda, tmp_path / "cuda", progress=False).load_checkpoint()  # and back

@@ -388,12 +388,7 @@ class Trainer:
                     if self.dist.any(stop.requested is not None):  # every process stops after the same step
                         self.save_checkpoint()
                         bar.close()
-                        self.dist.barrier()
-                        raise TrainingInterrupted(
-                            stop.requested or "SIGTERM",
-                            f"stopped by {stop.requested or 'a signal to another process'} after step {self.step} "
-                            f"(epoch {epoch}); checkpoint "
-                            f"written to {self.out / CHECKPOINT}; resume with the same command (same --out)")
+                        self._stopped(stop, f"after step {self.step} (epoch {epoch})")
                 self.epoch = epoch + 1
                 self.batch_in_epoch = 0
                 self._sync_buffers()
@@ -401,9 +396,19 @@ class Trainer:
                 self.history.append(row)
                 self.update_selection(row)
                 self.save_checkpoint()
-        bar.close()
-        self.train_s += time.perf_counter() - t0
-        return self.finish(self.train_s)
+                if self.dist.any(stop.requested is not None):  # a signal during the tracking: stop here
+                    bar.close()
+                    self._stopped(stop, f"after epoch {epoch}")
+            bar.close()
+            self.train_s += time.perf_counter() - t0
+            return self.finish(self.train_s, stop)
+
+    def _stopped(self, stop: "_StopFlag", where: str) -> None:
+        """Raise TrainingInterrupted for a signal (to this process or another one) once the checkpoint is written."""
+        self.dist.barrier()
+        raise TrainingInterrupted(stop.requested or "SIGTERM",
+                                  f"stopped by {stop.requested or 'a signal to another process'} {where}; checkpoint "
+                                  f"written to {self.out / CHECKPOINT}; resume with the same command (same --out)")
 
     def check_same_recipe(self, finished: bool = False) -> None:
         """A run may only be resumed, or its finished results reported, with the recipe it was started with."""
@@ -453,8 +458,17 @@ class Trainer:
         return {k: float(v.detach()) for k, v in logged.items()}
 
     # ------------------------------------------------------------------------------------------- end of run
-    def finish(self, train_s: float) -> dict[str, Any]:
+    def finish(self, train_s: float, stop: "_StopFlag | None" = None) -> dict[str, Any]:
+        """The final evaluation, explanation and selection figures, then ``metrics.json`` and the ``done`` marker.
+
+        A signal (``stop``) is honoured between its parts, before anything of the finished run is written: the run
+        stops with its last epoch's checkpoint, and the same command runs the final evaluation again."""
         r = self.recipe
+
+        def check_stop(where: str) -> None:
+            if stop is not None and self.dist.any(stop.requested is not None):
+                self._stopped(stop, f"during the final evaluation ({where})")
+
         # a method that trains against the unlabeled stream is also scored on it: how well the penalty's own images
         # were fitted, next to fresh images (the stream's labels are read here for this report only)
         # (a stream whose labels or attributes are not all known, rows of a folder dataset's CSV, is not scored)
@@ -466,8 +480,11 @@ class Trainer:
             self.writer.add_scalar(f"final/{name}/accuracy", m["accuracy"], self.epoch)
             self.writer.add_scalar(f"final/{name}/worst_group_accuracy", m["worst_group_accuracy"], self.epoch)
         stream = splits.pop("stream", None)
+        check_stop("after the splits' accuracies")
         explanation = self.explain()
+        check_stop("after the explanation")
         selection = self.evaluate_selection()
+        check_stop("after the selection rules' figures")
         metrics = {
             "method": r.train.method,
             "seed": r.seed,
@@ -541,6 +558,8 @@ class Trainer:
             "skipped_steps": torch.tensor(self.skipped_steps, dtype=torch.long),
             "train_s": self.train_s,
             "rng_torch": torch.get_rng_state(), "rng_numpy_json": json.dumps(_numpy_state()),
+            # this process's CUDA generator (augmentations and dropout draw there); absent on the CPU
+            **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             "rng_python_json": json.dumps(_python_state()),
             "matching": self.matching.state_dict() if self.matching is not None else {},
             "matching_epoch": self.matching_epoch,
@@ -593,6 +612,8 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"].tolist()
         self.train_s = float(state["train_s"])
         torch.set_rng_state(state["rng_torch"])
+        if "rng_cuda" in state and self.device.type == "cuda":  # a checkpoint written on the CPU has none
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         _set_numpy_state(json.loads(state["rng_numpy_json"]))
         _set_python_state(json.loads(state["rng_python_json"]))
         self._unlabeled_round = int(state["unlabeled_round"])
