@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="training method (overrides train.method)")
     p.add_argument("--out", required=True, help="run directory (an unfinished run there is resumed)")
     p.add_argument("--force", action="store_true", help="retrain even if --out holds a finished or unfinished run")
+    p.add_argument("--keep-training-state", action="store_true",
+                   help="keep checkpoint.pt (optimizer and method state, the largest file) once the run has finished")
     p = sub.add_parser("explain", help="explain a trained run's model with the grafted CLIP")
     _add_recipe_args(p)
     p.add_argument("--checkpoint", required=True, help="a train run directory")
@@ -93,7 +95,7 @@ def _train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     try:  # under torchrun (WORLD_SIZE > 1) the Trainer joins the process group; only rank 0 writes and prints
-        trainer = Trainer(recipe, out, progress=not args.no_progress)
+        trainer = Trainer(recipe, out, progress=not args.no_progress, keep_training_state=args.keep_training_state)
         check_writable(out)
         metrics = trainer.fit(force=args.force)
     finally:

@@ -91,7 +91,8 @@ def _print_side_by_side(case: str, one: dict, two: dict) -> None:
 def test_two_processes_match_one_process(tmp_path, case):
     overrides, tol, controls, unstable = CASES[case]
     torch.set_num_threads(1)  # as torchrun gives each of its processes; OpenMP spin-waits badly on busy cores
-    args = ["train", "recipes/colored_digits.toml", "--no-progress", "--set", *BASE, *overrides]
+    args = ["train", "recipes/colored_digits.toml", "--no-progress", "--keep-training-state", "--set", *BASE,
+            *overrides]  # the adversary's weights are read from checkpoint.pt below
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     assert main([*args, "--out", str(one_dir)]) == 0
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}

@@ -128,6 +128,35 @@ def test_a_signal_during_tracking_or_final_evaluation_stops_the_run(tmp_path, re
     assert _metrics_without_timing(run / "metrics.json") == _metrics_without_timing(ref / "metrics.json")
 
 
+def test_a_finished_run_keeps_no_training_state_and_each_pick_once(tmp_path, reference, capsys):
+    """A finished run deletes its resumable checkpoint.pt (``--keep-training-state`` keeps it); a selection rule's
+    pick of the last epoch is model.safetensors, not a copy, and two rules' picks of one epoch share a file.
+    metrics.json names each pick's file; the run is still reported as finished and ``debias explain`` reads it."""
+    recipe, run = reference
+    m = json.loads((run / "metrics.json").read_text())
+    assert (run / "done").exists() and not (run / "checkpoint.pt").exists()
+    files = {rule: pick["weights"] for rule, pick in m["selection"].items()}
+    assert set(files) >= {"val_accuracy", "worst_group"}
+    for rule, pick in m["selection"].items():
+        assert (run / pick["weights"]).is_file(), rule
+        if pick["epoch"] == recipe.train.epochs:  # the final model: its figures are the final evaluation's
+            assert pick["weights"] == "model.safetensors"
+            assert pick["splits"] == {k: v for k, v in m["splits"].items() if k != "train"}
+    weights_on_disk = sorted(p.name for p in run.glob("best_*.safetensors"))
+    assert weights_on_disk == sorted({f for f in files.values() if f != "model.safetensors"})
+    assert len(weights_on_disk) == len({p["epoch"] for p in m["selection"].values()} - {recipe.train.epochs})
+    assert main(["train", RECIPE, "--out", str(run), "--no-progress", "--set", *TINY]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main(["explain", RECIPE, "--checkpoint", str(run), "--out", str(tmp_path / "explained"), "--no-progress",
+                 "--set", *TINY]) == 0
+    assert (tmp_path / "explained" / "explain.json").exists()
+    kept = tmp_path / "kept"
+    assert main(["train", RECIPE, "--out", str(kept), "--no-progress", "--keep-training-state", "--set", *TINY,
+                 "train.epochs=1"]) == 0
+    assert (kept / "done").exists() and (kept / "checkpoint.pt").exists()
+    assert not list(kept.glob("best_*.safetensors"))  # one epoch: every pick is the final model
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads open file names from Linux /proc")
 def test_an_atomic_write_syncs_its_directory_after_the_rename(tmp_path, monkeypatch):
     """The rename of an atomic write reaches the disk only when its directory is fsynced: without that a power loss

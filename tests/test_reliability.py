@@ -28,7 +28,9 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "erm"
-    assert main(["train", RECIPE, "--out", str(out), "--no-progress", "--set", *TINY, "train.epochs=1"]) == 0
+    # its resumable state kept: a copy without ``done`` stands for an unfinished run
+    assert main(["train", RECIPE, "--out", str(out), "--no-progress", "--keep-training-state", "--set", *TINY,
+                 "train.epochs=1"]) == 0
     return out
 
 
@@ -312,7 +314,7 @@ def test_resume_after_the_last_epoch_evaluates_the_same_training_split(tmp_path)
             "concept.unlabeled_batch_size=8", "concept.adversary_weight=1"]  # a model that misreads some training images
     assert main(args + ["--out", str(tmp_path / "ref")]) == 0
     run = tmp_path / "run"
-    assert main(args + ["--out", str(run)]) == 0
+    assert main(args + ["--out", str(run), "--keep-training-state"]) == 0
     (run / "done").unlink()  # as if killed during the final evaluation: the checkpoint is the last epoch's
     (run / "metrics.json").unlink()
     assert main(args + ["--out", str(run)]) == 0

@@ -26,7 +26,7 @@ def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
     assert sorted(r["seed"] for r in rows) == [0, 1]
     assert all((out / f"erm_bias1.0_seed{s}" / "done").exists() for s in (0, 1))
     assert "dominant concept" in (out / "logs" / "erm_bias1.0_seed0.log").read_text()  # the run's output, logged
-    assert all((out / f"erm_bias1.0_seed{s}" / "checkpoint.pt").exists() for s in (0, 1))  # kept by default
+    assert not any((out / f"erm_bias1.0_seed{s}" / "checkpoint.pt").exists() for s in (0, 1))  # a finished run drops it
     dropped = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "--jobs", "2",
                               "--out", str(tmp_path / "dropped"), "--drop-training-state", "--set", *TINY],
                              capture_output=True, text=True)

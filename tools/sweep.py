@@ -19,9 +19,10 @@ A method ``concept:SOURCE`` is the concept method with ``concept.source = SOURCE
 A folder dataset (``data.name = "folder"``: Waterbirds, CelebA) takes no ``--bias``: its images fix their own bias, so
 its runs are ``OUT/<method>_seed<seed>`` and the compare labels them without one.
 
-A run folder holds about 300 MB on the default recipe, 130 MB of it ``checkpoint.pt`` (the model, optimizer
-and method state a killed run resumes from). ``--drop-training-state`` deletes that file once a run has finished; the
-model, the selection rules' checkpoints and the figures stay, and compare and ``debias explain`` need no more.
+A run deletes its ``checkpoint.pt`` (the model, optimizer and method state a killed run resumes from, the largest
+file) once it has finished; the model, the selection rules' picks and the figures stay, and compare and ``debias
+explain`` need no more. ``--keep-training-state`` keeps it (``debias train --keep-training-state``);
+``--drop-training-state`` also deletes it from finished runs written by older versions or kept that way.
 """
 from __future__ import annotations
 
@@ -166,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1, in this process)")
+    p.add_argument("--keep-training-state", action="store_true",
+                   help="keep each finished run's checkpoint.pt (its resume state, the largest file; deleted by default)")
     p.add_argument("--drop-training-state", action="store_true",
-                   help="delete each finished run's checkpoint.pt (its resume state, the largest file)")
+                   help="also delete the checkpoint.pt of finished runs kept by older versions (the default otherwise)")
     p.add_argument("--goal", nargs="+", default=[], metavar="SPLIT=MIN", help="passed to the compare (debias compare)")
     p.add_argument("--reference", metavar="SETTING", help="passed to the compare (debias compare)")
     args = p.parse_args(argv)
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"skip {d} (done)")
                     continue
                 todo.append((d, ["train", args.recipe, "--method", name, "--out", str(d), "--no-progress",
-                                 "--set", *sets]))
+                                 *(["--keep-training-state"] if args.keep_training_state else []), "--set", *sets]))
     if args.jobs <= 1:
         for d, cmd in todo:
             ts = time.perf_counter()

@@ -1,7 +1,9 @@
 """The trainer: one loop for every method, with checkpoints, TensorBoard, a progress bar and the final evaluation.
 
-A run directory holds ``recipe.toml`` (resolved), ``model.safetensors`` + ``state.pt`` (last checkpoint),
-``metrics.json``, ``tb/`` (TensorBoard events), plots, and a ``done`` marker once finished.
+A run directory holds ``recipe.toml`` (resolved), ``model.safetensors`` + ``checkpoint.pt`` (last checkpoint; the
+resumable state is deleted once the run has finished unless ``keep_training_state``), ``best_<rule>.safetensors``
+(a selection rule's pick of an earlier epoch than the last; one file per epoch picked), ``metrics.json``, ``tb/``
+(TensorBoard events), plots, and a ``done`` marker once finished.
 
 Several processes (``torchrun --nproc_per_node=N -m debias train ...``, see :mod:`debias.distributed`): the model
 is wrapped in DistributedDataParallel (``self.model``; ``self.net`` is the plain model for weights, matching and
@@ -81,9 +83,12 @@ def _cosine_with_warmup(total: int, warmup: int):
 class Trainer:
     """Trains the standalone model with the recipe's method, then evaluates and explains it."""
 
-    def __init__(self, recipe: Recipe, out: str | Path, progress: bool = True):
+    def __init__(self, recipe: Recipe, out: str | Path, progress: bool = True, keep_training_state: bool = False):
         self.recipe = recipe
         self.out = Path(out)
+        self.keep_training_state = keep_training_state
+        """Keep ``checkpoint.pt`` (the optimizer and method state a stopped run resumes from) once the run has
+        finished; by default it is deleted then, as a finished run is never resumed."""
         self.dist: Dist = init_distributed(recipe.train.device)  # a no-op single-process Dist without torchrun
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device if self.dist.active else resolve_device(recipe.train.device)
@@ -323,7 +328,8 @@ class Trainer:
         for rule, value in rules.items():
             if rule not in self.best or value >= self.best[rule]["value"]:
                 self.best[rule] = {"epoch": self.epoch, "value": value}
-                if self.dist.is_main:
+                # a pick of the last epoch is the final model: model.safetensors holds it (selection_weights)
+                if self.dist.is_main and self.epoch < self.recipe.train.epochs:
                     io.save_tensors(self.out / f"best_{rule}.safetensors", self.net.state_dict())
 
     # ------------------------------------------------------------------------------------------- loop
@@ -483,7 +489,7 @@ class Trainer:
         check_stop("after the splits' accuracies")
         explanation = self.explain()
         check_stop("after the explanation")
-        selection = self.evaluate_selection()
+        selection = self.evaluate_selection(final={k: v for k, v in splits.items() if k != "train"})
         check_stop("after the selection rules' figures")
         metrics = {
             "method": r.train.method,
@@ -511,8 +517,19 @@ class Trainer:
                                 title=f"{r.model.name} / {r.train.method} / bias {r.data.bias}")
             self.writer.close()
             io.atomic_write_text(self.out / io.DONE_MARKER, "finished\n")
+            self._drop_finished_run_files(selection)
         self.dist.barrier()  # the other processes return once the run directory is complete
         return metrics
+
+    def _drop_finished_run_files(self, selection: dict[str, Any]) -> None:
+        """Once ``done`` is written: the resumable state (unless kept) and the selection picks' duplicate weights
+        (a pick of the last epoch is ``model.safetensors``; two rules' picks of one epoch share one file)."""
+        if not self.keep_training_state:
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
+        kept = {pick["weights"] for pick in selection.values()}
+        for rule in selection:
+            if f"best_{rule}.safetensors" not in kept:
+                (self.out / f"best_{rule}.safetensors").unlink(missing_ok=True)
 
     def explain(self) -> dict[str, Any]:
         r = self.recipe
@@ -528,18 +545,38 @@ class Trainer:
         return explain_model(self.net, self.clip, matching, r, self.bundle.splits[split_name], self.concepts,
                              self.device, self.progress, dist=self.dist, clip_cache=self.clip_cache)
 
-    def evaluate_selection(self) -> dict[str, Any]:
-        """Test figures of the checkpoint each selection rule picked."""
+    def selection_weights(self) -> dict[str, str]:
+        """The file holding each selection rule's pick: ``model.safetensors`` for a pick of the last epoch (the final
+        model), else ``best_<rule>.safetensors`` of the first rule (in name order) that picked the same epoch."""
+        first: dict[int, str] = {}
+        out = {}
+        for rule, best in sorted(self.best.items()):
+            first.setdefault(best["epoch"], rule)
+            out[rule] = ("model.safetensors" if best["epoch"] == self.epoch
+                         else f"best_{first[best['epoch']]}.safetensors")
+        return out
+
+    def evaluate_selection(self, final: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Test figures of the checkpoint each selection rule picked (``final``: the final model's figures on the
+        splits other than train, which a pick of the last epoch reuses)."""
         import copy
 
         out = {}
-        shadow = copy.deepcopy(self.net)
+        shadow = None
+        weights = self.selection_weights()
         self.dist.barrier()  # rank 0 wrote the best_*.safetensors files
         for rule, best in sorted(self.best.items()):
-            shadow.load_state_dict(io.load_tensors(self.out / f"best_{rule}.safetensors"))
-            splits = evaluate_splits(shadow, {k: v for k, v in self.bundle.splits.items() if k != "train"},
-                                     self.device, dist=self.dist)
-            out[rule] = {"epoch": best["epoch"], "value": best["value"], "splits": splits}
+            if weights[rule] == "model.safetensors":
+                model = self.net
+            else:
+                if shadow is None:
+                    shadow = copy.deepcopy(self.net)
+                shadow.load_state_dict(io.load_tensors(self.out / weights[rule]))
+                model = shadow
+            splits = (final if final is not None and model is self.net else
+                      evaluate_splits(model, {k: v for k, v in self.bundle.splits.items() if k != "train"},
+                                      self.device, dist=self.dist))
+            out[rule] = {"epoch": best["epoch"], "value": best["value"], "weights": weights[rule], "splits": splits}
         return out
 
     def save_checkpoint(self) -> None:
