@@ -73,6 +73,7 @@ def test_groupdro_loss_is_the_q_weighted_sum_over_groups_without_renormalising(t
     q0 /= q0.sum()
     t.method.q = q0.clone()
     terms = t.method.loss_terms(batch, 0)
+    t.method.commit()  # the trainer commits a finite step's state
     with torch.no_grad():
         losses = F.cross_entropy(t.model(batch["images"]), batch["labels"], reduction="none", label_smoothing=0.1)
     groups = batch["labels"] * t.method.n_attrs + batch["attrs"]
@@ -182,6 +183,7 @@ def _worker(out: Path) -> None:
     q0 = t.method.q.clone()
     terms = t.method.loss_terms({"images": images[rank::world], "labels": labels[rank::world],
                                  "attrs": attrs[rank::world]}, 0)
+    t.method.commit()  # the trainer commits a finite step's state
     terms["loss"].backward()  # through DistributedDataParallel: the processes' gradients averaged
     losses = F.cross_entropy(reference(images), labels, reduction="none",
                              label_smoothing=recipe.train.label_smoothing)

@@ -329,7 +329,7 @@ class Trainer:
             if rule not in self.best or value >= self.best[rule]["value"]:
                 self.best[rule] = {"epoch": self.epoch, "value": value}
                 # a pick of the last epoch is the final model: model.safetensors holds it (selection_weights)
-                if self.dist.is_main and self.epoch < self.recipe.train.epochs:
+                if self.dist.is_main and self.epoch < self.total_epochs:
                     io.save_tensors(self.out / f"best_{rule}.safetensors", self.net.state_dict())
 
     # ------------------------------------------------------------------------------------------- loop
