@@ -174,7 +174,7 @@ def _worker(out: Path) -> None:
 
     # GroupDRO: the first step on a global batch that lacks a group, one group on rank 0 only
     recipe = load_recipe(RECIPE, GROUPDRO)
-    t = Trainer(recipe, out / "groupdro", progress=False)
+    t = Trainer(recipe, out / "groupdro", progress=False, keep_training_state=True)
     rank, world = t.dist.rank, t.dist.world
     split = t.bundle.splits["train"]
     idx, _, _ = _batch_lacking_a_group(split)
