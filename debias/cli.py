@@ -11,11 +11,12 @@ from pathlib import Path
 from .errors import DebiasError, TrainingInterrupted
 
 
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+def _add_recipe_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
     p.add_argument("recipe", help="recipe TOML file, e.g. recipes/colored_digits.toml")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override recipe keys (values are TOML literals); repeatable")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 DESCRIPTION = """\
@@ -67,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the group every other is compared with seed by seed, named by its method or setting parts, "
                         "e.g. erm or concept.unlabeled_batch_size=16")
     p = sub.add_parser("recipe", help="print a resolved recipe: every key with its meaning, default and choices")
-    p.add_argument("recipe", help="recipe TOML file, e.g. recipes/colored_digits.toml")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override recipe keys (values are TOML literals); repeatable")
+    _add_recipe_args(p, progress=False)
     return parser
 
 
