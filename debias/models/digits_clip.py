@@ -505,13 +505,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup for ``warmup`` steps, then cosine decay to zero at ``steps`` (the schedule completes)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def train_digits_clip(
     out_dir: Path | str = ASSET_DIR,
     seed: int = 0,
@@ -535,6 +528,8 @@ def train_digits_clip(
     import open_clip
     from open_clip.loss import ClipLoss
     from tqdm.auto import tqdm
+
+    from ..train.schedule import warmup_cosine
 
     if steps < 1 or batch_size < 2:
         raise ValueError(f"steps={steps}, batch_size={batch_size}; expected steps >= 1 and batch_size >= 2")
@@ -562,7 +557,7 @@ def train_digits_clip(
             model.token_embedding.weight.copy_(full_embedding.weight[vocab])
 
         optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup))
+        scheduler = warmup_cosine(optimizer, steps, warmup)
         loss_fn = ClipLoss()
         losses: list[float] = []
         bar = tqdm(range(steps), desc="digits CLIP", disable=not progress, dynamic_ncols=True)

@@ -46,6 +46,7 @@ from ..models.clip import load_clip
 from ..models.standalone import StandaloneModel
 from ..recipe import Recipe, recipe_to_toml, require_same_recipe
 from .methods import build_method
+from .schedule import warmup_cosine
 
 
 def seed_everything(seed: int) -> None:
@@ -69,15 +70,6 @@ def resolve_device(name: str) -> torch.device:
         raise DebiasError(f"train.device = {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
-
-
-def _cosine_with_warmup(total: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return float(0.5 * (1 + np.cos(np.pi * min(1.0, progress))))  # a Python float: checkpoints load weights-only
-    return factor
 
 
 class Trainer:
@@ -177,8 +169,7 @@ class Trainer:
             groups.append({"params": self.method.parameters()})
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         warmup = int(round(t.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           _cosine_with_warmup(self.total_steps, warmup))
+        self.scheduler = warmup_cosine(self.optimizer, self.total_steps, warmup)
 
     def reset_model_and_optimizer(self) -> None:
         """Start training over (JTT's second stage): the model gets its initial weights back (the same draw from the
