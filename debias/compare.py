@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from . import io
+from .data.registry import dataset
 from .errors import DebiasError
-from .recipe import Recipe, flatten_recipe
+from .recipe import DataCfg, Recipe, flatten_recipe
 
 SPLIT_ORDER = ("test", "shifted", "swapped", "grayscale", "val")
 
@@ -26,11 +27,12 @@ def variant(metrics: dict[str, Any]) -> str:
 
 
 def setting(metrics: dict[str, Any]) -> str:
-    """The settings a sweep varies: the bias (rendered datasets only: a folder dataset's images fix their own, and
-    ``data.bias`` is not read), and the penalty weight for ``concept``."""
+    """The settings a sweep varies: the dataset's ``SETTING_KEYS`` (the bias for rendered datasets: a folder
+    dataset's images fix their own, and ``data.bias`` is not read), and the penalty weight for ``concept``."""
     recipe = metrics.get("recipe", {})
     data = recipe.get("data", {})
-    parts = [] if data.get("name") == "folder" else [f"bias={data.get('bias')}"]
+    keys = dataset(data.get("name", DataCfg.name)).SETTING_KEYS
+    parts = [f"{key}={data.get(key)}" for key in keys]
     if metrics.get("method") == "concept":
         parts.append(f"weight={recipe.get('concept', {}).get('weight')}")
     return ",".join(parts)

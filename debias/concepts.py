@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from .data.colors import DIGIT_WORDS
+from .data.registry import dataset
 from .data.splits import DatasetBundle
 from .errors import DebiasError
 from .recipe import Recipe
@@ -49,12 +49,10 @@ class ConceptSet:
 
 
 def build_concepts(recipe: Recipe, bundle: DatasetBundle) -> list[ConceptSet]:
-    """Concepts of a recipe. For coloured digits, ``color`` and ``digit`` follow ``data.colors`` and ``data.classes``."""
+    """Concepts of a recipe: the dataset's built-in ones (coloured digits: ``color`` and ``digit``, following
+    ``data.colors`` and ``data.classes``), then ``concepts.captions`` (which override a built-in one's captions)."""
     c = recipe.concepts
-    defined: dict[str, tuple[list[str], str]] = {}
-    if recipe.data.name in ("colored_digits", "colored_mnist"):
-        defined["color"] = ([c.color_template.format(color=col) for col in recipe.data.colors], "attr")
-        defined["digit"] = ([c.digit_template.format(word=DIGIT_WORDS[d], n=d) for d in recipe.data.classes], "label")
+    defined = dict(dataset(recipe.data.name).builtin_concepts(recipe.data, c))
     for name, caps in c.captions.items():
         attribute = defined[name][1] if name in defined else ("attr" if name in c.spurious else "label")
         defined[name] = (list(caps), attribute)
@@ -62,8 +60,7 @@ def build_concepts(recipe: Recipe, bundle: DatasetBundle) -> list[ConceptSet]:
     for role, names in (("spurious", c.spurious), ("core", c.core)):
         for name in names:
             caps, attribute = defined[name]
-            n_attr = len(bundle.attr_names) - (1 if recipe.data.name in ("colored_digits", "colored_mnist") else 0)
-            n_values = len(bundle.class_names) if attribute == "label" else n_attr  # coloured digits add "gray"
+            n_values = len(bundle.class_names) if attribute == "label" else len(bundle.captioned_attr_names)
             if len(caps) != n_values:
                 raise DebiasError(f"concepts.captions.{name}: {len(caps)} captions for {n_values} "
                                   f"{'classes' if attribute == 'label' else 'attribute values'}; expected one each")

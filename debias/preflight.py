@@ -7,102 +7,19 @@ listed in :mod:`debias.models.hub` (checked against timm's and open_clip's regis
 recipes are checked without importing either library (each import costs seconds); other models import the library
 whose registry names their hub repo.
 
-The MNIST and folder-CSV checks live here (plain ``os``), and the data loaders reuse them, so the preflight and the
-loader can never disagree about what a dataset needs.
+A dataset's inputs are checked by its own module (``missing_inputs``, :mod:`debias.data.registry`), whose loader
+starts with the same checks, so the preflight and the loader can never disagree about what a dataset needs.
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
+from .data.registry import dataset
 from .errors import DebiasError, did_you_mean
 from .models.hub import (CLIP_HUB, TIMM_FILES, TIMM_HUB, cached_file, find_clip_weights, is_torchscript_archive,
                          torchscript_message)
 from .recipe import Recipe
-
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
-"""The four raw MNIST files torchvision reads from ``<data.root>/MNIST/raw/`` (each may also be gzipped)."""
-MNIST_LEGACY_FILES = ("training.pt", "test.pt")
-"""torchvision's older processed layout (``<data.root>/MNIST/processed/``), still read by ``datasets.MNIST``."""
-FOLDER_COLUMNS = ("file", "label", "split", "attribute")
-"""Roles a folder dataset's metadata CSV must provide, and their Waterbirds column names by default."""
-FOLDER_DEFAULT_COLUMNS = {"file": "img_filename", "label": "y", "split": "split", "attribute": "place"}
-
-
-# ----------------------------------------------------------------------------------------------- MNIST
-
-def mnist_raw_folder(root: str | Path) -> Path:
-    return Path(root) / "MNIST" / "raw"
-
-
-def mnist_missing_files(root: str | Path) -> list[str]:
-    """Raw MNIST files (torchvision layout) absent under ``root``; a file counts as present gzipped or not."""
-    raw = mnist_raw_folder(root)
-    processed = Path(root) / "MNIST" / "processed"
-    if all((processed / f).is_file() for f in MNIST_LEGACY_FILES):
-        return []
-    return [str(raw / f) for f in MNIST_FILES if not (raw / f).is_file() and not (raw / f"{f}.gz").is_file()]
-
-
-def _mnist_layout_hint(root: Path) -> str:
-    """A hint when ``root`` points one or two levels too deep (at ``MNIST/`` or ``MNIST/raw/``)."""
-    for candidate, parent in ((root, root.parent.parent), (root / "raw", root.parent)):
-        if any((candidate / f).is_file() or (candidate / f"{f}.gz").is_file() for f in MNIST_FILES):
-            return f" (the files seem to be in {candidate}: set data.root = {str(parent)!r})"
-    return ""
-
-
-def mnist_missing_message(root: str, missing: list[str]) -> str:
-    """One line naming each missing MNIST file and where it must go."""
-    if not root:
-        return ("data.root is not set: colored_mnist needs the folder that contains MNIST/raw/ with "
-                f"{', '.join(MNIST_FILES)} (torchvision layout; .gz accepted); set data.root, or set "
-                "data.download = true on a machine with internet access")
-    raw = mnist_raw_folder(root)
-    state = "does not exist" if not Path(root).exists() else "lacks MNIST files"
-    return (f"data.root = {root!r} {state}: MNIST file(s) {', '.join(missing)} not found (.gz accepted); put the "
-            f"torchvision-format MNIST files in {raw}/, or set data.download = true on a machine with internet "
-            f"access{_mnist_layout_hint(Path(root))}")
-
-
-# ----------------------------------------------------------------------------------------------- folder datasets
-
-def folder_columns(columns: dict[str, str]) -> dict[str, str]:
-    """The recipe's ``data.columns`` over the Waterbirds defaults (``img_filename, y, split, place``)."""
-    return {**FOLDER_DEFAULT_COLUMNS, **columns}
-
-
-def folder_metadata_path(root: str, metadata: str) -> Path:
-    """``data.metadata`` resolved against ``data.root`` (an absolute path stays as it is)."""
-    path = Path(metadata or "metadata.csv")
-    return path if path.is_absolute() else Path(root) / path
-
-
-def folder_problems(root: str, metadata: str, columns: dict[str, str]) -> list[str]:
-    """Missing root, missing CSV, or CSV columns absent from its header: what can be checked without the images."""
-    if not root:
-        return ["data.root is not set: a folder dataset needs the folder holding its images and metadata CSV"]
-    if not Path(root).is_dir():
-        return [f"data.root = {root!r}: folder not found; give the folder that holds the dataset's images "
-                f"(image paths in the CSV are relative to it)"]
-    csv_path = folder_metadata_path(root, metadata)
-    if not csv_path.is_file():
-        return [f"data.metadata = {metadata or 'metadata.csv'!r}: file {str(csv_path)!r} not found; put the metadata "
-                f"CSV there or set data.metadata (relative to data.root, or absolute)"]
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        return [f"data.metadata: {str(csv_path)!r} cannot be read as CSV: {exc}"]
-    header = [h.strip() for h in header]
-    cols = folder_columns(columns)
-    absent = [f"{role}={name!r}" for role, name in cols.items() if role in FOLDER_COLUMNS and name not in header]
-    if absent:
-        return [f"data.columns: {str(csv_path)!r} has no column {', '.join(absent)}; its columns are {header}; "
-                "set data.columns = {file=..., label=..., split=..., attribute=...}"]
-    return []
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -196,14 +113,7 @@ def missing_inputs(recipe: Recipe, model_weights: bool = True) -> list[str]:
     ``model_weights=False`` skips the standalone model's weights (``explain`` loads a trained run's checkpoint).
     Loads no model and no data; imports timm or open_clip only for a pretrained CNN or a CLIP tag.
     """
-    problems: list[str] = []
-    d = recipe.data
-    if d.name == "colored_mnist" and not d.download:
-        missing = mnist_missing_files(d.root) if d.root else list(MNIST_FILES)
-        if missing:
-            problems.append(mnist_missing_message(d.root, missing))
-    elif d.name == "folder":
-        problems.extend(folder_problems(d.root, d.metadata, d.columns))
+    problems: list[str] = list(dataset(recipe.data.name).missing_inputs(recipe.data))
     if model_weights:
         for check in (_checkpoint_problem, _timm_weights_problem):
             msg = check(recipe)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.registry import DATASETS, dataset
 from .errors import RecipeError, did_you_mean
 
 
@@ -30,7 +31,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 class DataCfg:
     """Which images, which classes and how strongly the spurious attribute follows the label."""
 
-    name: str = field(default="colored_digits", metadata=_choices("colored_digits", "colored_mnist", "folder"))
+    name: str = field(default="colored_digits", metadata={"choices": DATASETS.keys()})
     classes: list[int] = field(default_factory=lambda: [5, 8])
     colors: list[str] = field(default_factory=lambda: ["red", "green"])
     bias: float = field(default=1.0, metadata=_range(0.0, 1.0))
@@ -391,50 +392,10 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 def _validate_cross(recipe: Recipe) -> None:
     """Checks that involve several keys."""
-    from .data.colors import PALETTE
-
     d = recipe.data
-    if d.name in ("colored_digits", "colored_mnist"):
-        if len(d.classes) < 2:
-            raise RecipeError(f"data.classes = {d.classes!r}: expected at least two digits")
-        for c in d.classes:
-            if not 0 <= c <= 9:
-                raise RecipeError(f"data.classes = {d.classes!r}: {c} is not a digit in this dataset (expected 0..9)")
-        if len(set(d.classes)) != len(d.classes):
-            raise RecipeError(f"data.classes = {d.classes!r}: expected distinct digits")
-        if len(d.colors) < 2:
-            raise RecipeError(f"data.colors = {d.colors!r}: expected at least two colours")
-        for c in d.colors:
-            if c not in PALETTE:
-                raise RecipeError(f"data.colors = {d.colors!r}: {c!r} is not in the palette "
-                                  f"{sorted(PALETTE)}{did_you_mean(c, PALETTE)}")
-        if len(set(d.colors)) != len(d.colors):
-            raise RecipeError(f"data.colors = {d.colors!r}: expected distinct colours")
-        for split, frac in d.split_fractions.items():
-            if not 0.0 <= frac <= 1.0:
-                raise RecipeError(f"data.split_fractions.{split} = {frac!r}: expected a value in [0, 1]")
-        missing = {"train", "val", "test"} - set(d.split_fractions)
-        if missing:
-            raise RecipeError(f"data.split_fractions = {d.split_fractions!r}: missing splits {sorted(missing)}")
-        for split in ("train", "val", "test"):
-            if d.split_fractions[split] <= 0:
-                raise RecipeError(f"data.split_fractions.{split} = {d.split_fractions[split]!r}: expected a fraction "
-                                  f"above 0 (the {split} split is needed)")
-        total = sum(d.split_fractions.values())
-        if total > 1.0 + 1e-9:
-            raise RecipeError(f"data.split_fractions = {d.split_fractions!r}: fractions sum to {total:.3f}, "
-                              "expected at most 1")
-    elif d.name == "folder":
-        from .data.folder import stream_fraction
-
-        stream_fraction(d)
+    data = dataset(d.name)
+    data.validate(d)
     c = recipe.concepts
-    names = set(c.captions) | ({"color", "digit"} if d.name in ("colored_digits", "colored_mnist") else set())
-    for role in ("spurious", "core"):
-        for name in getattr(c, role):
-            if name not in names:
-                raise RecipeError(f"concepts.{role} = {getattr(c, role)!r}: concept {name!r} is not defined; "
-                                  f"defined concepts: {sorted(names)}{did_you_mean(name, names)}")
     for name, caps in c.captions.items():
         if not caps:
             raise RecipeError(f"concepts.captions.{name} = []: expected at least two captions")
@@ -456,6 +417,12 @@ def _validate_cross(recipe: Recipe) -> None:
         if filled == template:
             raise RecipeError(f"concepts.{key} = {template!r}: no placeholder, so every caption would be the same; "
                               f"expected text with {{{placeholder}}}")
+    names = set(c.captions) | set(data.builtin_concepts(d, c))
+    for role in ("spurious", "core"):
+        for name in getattr(c, role):
+            if name not in names:
+                raise RecipeError(f"concepts.{role} = {getattr(c, role)!r}: concept {name!r} is not defined; "
+                                  f"defined concepts: {sorted(names)}{did_you_mean(name, names)}")
     for name, caps in c.captions.items():
         if len(set(caps)) != len(caps):
             raise RecipeError(f"concepts.captions.{name} = {caps!r}: expected distinct captions")

@@ -1,6 +1,6 @@
 import torch
 
-from debias.data.digits import load_colored_digits, split_base_indices
+from debias.data.colored_digits import load as load_colored_digits, split_base_indices
 from debias.data.digits_base import load_base_digits
 from debias.recipe import DataCfg
 

@@ -11,8 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from debias.data import load_dataset
-from debias.data.folder import load_folder_dataset
-from debias.data.mnist import LazyImages
+from debias.data.folder import load as load_folder_dataset
+from debias.data.lazy import LazyImages
 from debias.errors import DebiasError
 from debias.recipe import DataCfg, load_recipe
 

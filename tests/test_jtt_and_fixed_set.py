@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from debias.data import load_dataset
-from debias.data.digits import load_colored_digits
+from debias.data.colored_digits import load as load_colored_digits
 from debias.models.standalone import StandaloneModel
 from debias.recipe import DataCfg, load_recipe
 from debias.train.loop import Trainer

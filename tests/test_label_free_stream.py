@@ -16,7 +16,7 @@ from PIL import Image
 
 from debias.cli import main
 from debias.data import load_dataset
-from debias.data.folder import load_folder_dataset
+from debias.data.folder import load as load_folder_dataset
 from debias.errors import DebiasError, RecipeError
 from debias.explain import probe_split
 from debias.recipe import DataCfg, load_recipe

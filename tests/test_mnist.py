@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from debias.data import load_dataset
-from debias.data.mnist import LazyImages, load_colored_mnist, mnist_base_indices
+from debias.data.colored_mnist import load as load_colored_mnist, mnist_base_indices
+from debias.data.lazy import LazyImages
 from debias.errors import DebiasError
 from debias.recipe import load_recipe
 

@@ -9,7 +9,8 @@ import pytest
 
 from debias.cli import main
 from debias.errors import DebiasError
-from debias.preflight import MNIST_FILES, check_inputs, missing_inputs
+from debias.data.colored_mnist import MNIST_FILES
+from debias.preflight import check_inputs, missing_inputs
 from debias.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -1,27 +1,28 @@
-"""Datasets: every loader returns a :class:`DatasetBundle` of labelled splits with a spurious attribute."""
+"""Datasets: every loader returns a :class:`~debias.data.splits.DatasetBundle` of labelled splits with a spurious
+attribute. The datasets are listed in :mod:`debias.data.registry`; importing this package imports no torch."""
 from __future__ import annotations
 
-from ..errors import DebiasError
-from ..recipe import Recipe
-from .splits import DatasetBundle, Split
+from typing import TYPE_CHECKING, Any
+
+from .registry import DATASETS, dataset
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from .splits import DatasetBundle, Split
 
 
 def load_dataset(recipe: Recipe) -> DatasetBundle:
-    """The dataset named by ``data.name``."""
-    name = recipe.data.name
-    if name == "colored_digits":
-        from .digits import load_colored_digits
-
-        return load_colored_digits(recipe.data, recipe.seed)
-    if name == "colored_mnist":
-        from .mnist import load_colored_mnist
-
-        return load_colored_mnist(recipe.data, recipe.seed)
-    if name == "folder":
-        from .folder import load_folder_dataset
-
-        return load_folder_dataset(recipe.data, recipe.seed)
-    raise DebiasError(f"data.name = {name!r}: expected one of ['colored_digits', 'colored_mnist', 'folder']")
+    """The dataset named by ``data.name``, loaded for the recipe's ``[data]`` section and seed."""
+    return dataset(recipe.data.name).load(recipe.data, recipe.seed)
 
 
-__all__ = ["DatasetBundle", "Split", "load_dataset"]
+def __getattr__(name: str) -> Any:
+    """``DatasetBundle`` and ``Split`` from :mod:`debias.data.splits`, imported (with torch) when first asked for."""
+    if name in ("DatasetBundle", "Split"):
+        from . import splits
+
+        return getattr(splits, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DATASETS", "DatasetBundle", "Split", "dataset", "load_dataset"]

@@ -33,29 +33,96 @@ Images are decoded with PIL when a batch is drawn (never all at once): JPEG draf
 (bicubic) to ``data.image_size`` and centre-cropped. ``data.augment`` adds a seeded random horizontal flip to
 training images, fresh each epoch (the examples and their attributes are the CSV's, fixed); evaluation images are
 never jittered and ``*_copies`` do not apply here.
+
+As a dataset plugin (:mod:`debias.data.registry`) the module checks ``data.split_fractions.unlabeled``
+(:func:`validate`), names a missing root, CSV or CSV column before anything is loaded (:func:`missing_inputs`, the
+same checks the loader starts with) and has no built-in concepts: the recipe's ``concepts.captions`` define them.
 """
 from __future__ import annotations
 
 import csv
 import os
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from ..errors import DebiasError, RecipeError
-from ..preflight import folder_columns, folder_metadata_path, folder_problems
-from ..recipe import DataCfg
-from .digits import _split_seed
-from .mnist import LazyImages, LazySplit
-from .splits import DatasetBundle, Split
+from .lazy import LazyImages, LazySplit
+from .splits import DatasetBundle, Split, split_seed
+
+if TYPE_CHECKING:
+    from ..recipe import ConceptsCfg, DataCfg
 
 DEFAULT_SPLIT_VALUES = {"0": "train", "1": "val", "2": "test", "train": "train", "val": "val", "valid": "val",
                         "validation": "val", "test": "test"}
 SPLIT_TARGETS = ("train", "val", "test", "unlabeled", "ignore")
 MISSING_LISTED = 3
 """How many missing or unreadable image files an error names before it only counts the rest."""
+FOLDER_COLUMNS = ("file", "label", "split", "attribute")
+"""Roles a folder dataset's metadata CSV must provide, and their Waterbirds column names by default."""
+FOLDER_DEFAULT_COLUMNS = {"file": "img_filename", "label": "y", "split": "split", "attribute": "place"}
+
+
+# ----------------------------------------------------------------------------------------------- plugin surface
+
+SETTING_KEYS: tuple[str, ...] = ()
+"""``[data]`` keys that name a run's setting in ``debias compare`` tables: none (the images fix their own bias)."""
+
+
+def validate(cfg: DataCfg) -> None:
+    """The ``[data]`` checks a folder dataset makes before reading anything: the stream's fraction of val."""
+    stream_fraction(cfg)
+
+
+def missing_inputs(cfg: DataCfg) -> list[str]:
+    """A missing root or CSV, or CSV columns absent from its header (the images are checked when loading)."""
+    return folder_problems(cfg.root, cfg.metadata, cfg.columns)
+
+
+def builtin_concepts(cfg: DataCfg, concepts: ConceptsCfg) -> dict[str, tuple[list[str], str]]:
+    """None: a folder dataset's concepts are the recipe's ``concepts.captions``."""
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------- metadata checks
+
+def folder_columns(columns: dict[str, str]) -> dict[str, str]:
+    """The recipe's ``data.columns`` over the Waterbirds defaults (``img_filename, y, split, place``)."""
+    return {**FOLDER_DEFAULT_COLUMNS, **columns}
+
+
+def folder_metadata_path(root: str, metadata: str) -> Path:
+    """``data.metadata`` resolved against ``data.root`` (an absolute path stays as it is)."""
+    path = Path(metadata or "metadata.csv")
+    return path if path.is_absolute() else Path(root) / path
+
+
+def folder_problems(root: str, metadata: str, columns: dict[str, str]) -> list[str]:
+    """Missing root, missing CSV, or CSV columns absent from its header: what can be checked without the images."""
+    if not root:
+        return ["data.root is not set: a folder dataset needs the folder holding its images and metadata CSV"]
+    if not Path(root).is_dir():
+        return [f"data.root = {root!r}: folder not found; give the folder that holds the dataset's images "
+                f"(image paths in the CSV are relative to it)"]
+    csv_path = folder_metadata_path(root, metadata)
+    if not csv_path.is_file():
+        return [f"data.metadata = {metadata or 'metadata.csv'!r}: file {str(csv_path)!r} not found; put the metadata "
+                f"CSV there or set data.metadata (relative to data.root, or absolute)"]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return [f"data.metadata: {str(csv_path)!r} cannot be read as CSV: {exc}"]
+    header = [h.strip() for h in header]
+    cols = folder_columns(columns)
+    absent = [f"{role}={name!r}" for role, name in cols.items() if role in FOLDER_COLUMNS and name not in header]
+    if absent:
+        return [f"data.columns: {str(csv_path)!r} has no column {', '.join(absent)}; its columns are {header}; "
+                "set data.columns = {file=..., label=..., split=..., attribute=...}"]
+    return []
 
 
 @dataclass
@@ -332,7 +399,7 @@ def unlabeled_stream(val: torch.Tensor, marked: torch.Tensor, fraction: float, s
     Only row positions and the seed decide it, never a label or an attribute: the rows mapped to ``unlabeled``
     (``marked``) when there are any, else ``fraction`` of the val rows (at least one; val keeps at least one).
     """
-    gen = torch.Generator().manual_seed(_split_seed(seed, "folder-unlabeled"))
+    gen = torch.Generator().manual_seed(split_seed(seed, "folder-unlabeled"))
     if len(marked):
         return val, marked[torch.randperm(len(marked), generator=gen)]
     if fraction <= 0:
@@ -346,7 +413,7 @@ def unlabeled_stream(val: torch.Tensor, marked: torch.Tensor, fraction: float, s
     return torch.sort(val[order[n:]]).values, val[order[:n]]
 
 
-def load_folder_dataset(cfg: DataCfg, seed: int) -> DatasetBundle:
+def load(cfg: DataCfg, seed: int) -> DatasetBundle:
     """A folder dataset as a :class:`DatasetBundle`; see the module docstring for splits and values."""
     table = read_metadata(cfg)
     csv_name = str(folder_metadata_path(cfg.root, cfg.metadata))
@@ -355,7 +422,7 @@ def load_folder_dataset(cfg: DataCfg, seed: int) -> DatasetBundle:
     n_groups = len(table.class_names) * n_attr
     groups = table.labels * n_attr + table.attrs
     split_of = np.array(table.split)
-    gen = torch.Generator().manual_seed(_split_seed(seed, "folder-split"))
+    gen = torch.Generator().manual_seed(split_seed(seed, "folder-split"))
 
     def rows(name: str) -> torch.Tensor:
         return torch.from_numpy(np.nonzero(split_of == name)[0]).long()
@@ -384,7 +451,7 @@ def load_folder_dataset(cfg: DataCfg, seed: int) -> DatasetBundle:
     for name, idx in index.items():
         if name == "train" and cfg.augment:
             def render(epoch: int, idx=idx):
-                g = torch.Generator().manual_seed(_split_seed(seed, "folder-flip", epoch))
+                g = torch.Generator().manual_seed(split_seed(seed, "folder-flip", epoch))
                 return make("train", idx, torch.rand(len(idx), generator=g) < 0.5)
             images, labels, attrs = render(0)
             splits[name] = LazySplit(name, images, labels, attrs, table.class_names, table.attr_names,

@@ -1,17 +1,25 @@
-"""The dataset surface every loader returns: labelled splits with a spurious attribute and group names.
+"""The bundle type every dataset loader returns: labelled splits with a spurious attribute and group names.
 
 A split holds images in [0, 1] (RGB, CHW), the class label, and the spurious attribute's value. Groups are
 ``(label, attribute)`` pairs named ``"<class>|<attribute>"`` (``"5|red"``); they are for evaluation only.
-Normalisation is left to each model, so the CNN and CLIP can each use their own.
+Normalisation is left to each model, so the CNN and CLIP can each use their own. :func:`split_seed` derives the
+seed of each named set of draws from the recipe's seed.
 """
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
+
+
+def split_seed(seed: int, name: str, epoch: int = 0) -> int:
+    """The seed of one named set of draws of a run (a split's colours and jitter, the base-image split, an epoch's
+    re-render): a function of the recipe's ``seed``, the name and the epoch only."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + epoch) % (2**63 - 1)
 
 
 @dataclass
@@ -81,7 +89,16 @@ class DatasetBundle:
     probe_independent: Split | None = None
     """Images for matching whose attribute varies independently of the label (None: use ``unlabeled``)."""
     shift_splits: tuple[str, ...] = ()
+    """Splits whose spurious attribute no longer follows the label (evaluated and reported as shifts)."""
+    uncaptioned_attrs: tuple[str, ...] = ()
+    """Attribute values no caption describes, at the end of ``attr_names`` (coloured digits' ``gray``): a spurious
+    concept has one caption per other value."""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def captioned_attr_names(self) -> list[str]:
+        """The attribute values a spurious concept's captions describe, in order."""
+        return [a for a in self.attr_names if a not in self.uncaptioned_attrs]

@@ -1,9 +1,9 @@
 """Coloured MNIST from a local torchvision-format folder, rendered lazily at any image size (224 px for the paper).
 
 Base images are the 28 px grayscale MNIST digits, kept as uint8 (60k + 10k digits are 55 MB); a split stores base
-indices, colours and jitter parameters, and renders a batch only when it is indexed (:class:`LazyImages`), in one
-bicubic ``grid_sample`` that jitters and resizes at once. A 224 px split of 10,000 images would take 6 GB as a
-float tensor; rendered lazily it costs nothing until a batch is drawn.
+indices, colours and jitter parameters, and renders a batch only when it is indexed
+(:class:`~debias.data.lazy.LazyImages`), in one bicubic ``grid_sample`` that jitters and resizes at once. A 224 px
+split of 10,000 images would take 6 GB as a float tensor; rendered lazily it costs nothing until a batch is drawn.
 
 Split sizes, per digit (the paper: 5,000 for training, 1,000 for test and for the "real-world" random-colour set):
 
@@ -18,185 +18,86 @@ Split sizes, per digit (the paper: 5,000 for training, 1,000 for test and for th
   at ``train_per_class * fraction / split_fractions.train``, equal for every digit (156 and 157 fives at the
   paper's sizes). They share no base image with train, the evaluation splits or each other.
 
-Colours follow :mod:`debias.data.shifts` exactly as the embedded digits do (``biased`` train/val/test, random
-``shifted``, ``swapped``, ``grayscale``; the stream ``shifted``). The training split is a fixed set of examples
-(base image times copy), each with a colour drawn once from the seed; only its jitter is drawn again each epoch.
-The order of every split is shuffled (seeded), so any prefix (the matching probe's first ``matching.num_images``)
-mixes the digits.
+Colours follow :mod:`debias.data.shifts` exactly as the embedded digits do (:mod:`debias.data.render`: ``biased``
+train/val/test, random ``shifted``, ``swapped``, ``grayscale``; the stream ``shifted``). The training split is a
+fixed set of examples (base image times copy), each with a colour drawn once from the seed; only its jitter is drawn
+again each epoch. The order of every split is shuffled (seeded), so any prefix (the matching probe's first
+``matching.num_images``) mixes the digits.
+
+As a dataset plugin (:mod:`debias.data.registry`) the module checks the ``[data]`` section as ``colored_digits``
+does, names the MNIST files missing under ``data.root`` (:func:`missing_inputs`, read by the preflight and by the
+loader, so the two never disagree) and has the same built-in concepts, ``color`` and ``digit``.
 """
 from __future__ import annotations
 
 import math
-import numbers
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import DebiasError
-from ..preflight import MNIST_FILES, mnist_missing_files, mnist_missing_message, mnist_raw_folder
-from ..recipe import DataCfg
-from .colors import PALETTE
-from .digits import SHIFT_SPLITS, SPLIT_MODES, _split_seed, train_attributes
-from .shifts import assign_colors
-from .splits import DatasetBundle, Split
+from .colored_digits import SETTING_KEYS, builtin_concepts, validate
+from .lazy import LazySplit
+from .render import SHIFT_SPLITS, SPLIT_MODES, render_lazy, train_attributes
+from .splits import DatasetBundle, Split, split_seed
 
-EVAL_CHUNK = 512
-"""Most images rendered at once when a large index is asked for (bounds the temporary memory)."""
+if TYPE_CHECKING:
+    from ..recipe import DataCfg
 
+__all__ = ["MNIST_FILES", "SETTING_KEYS", "builtin_concepts", "load", "load_mnist_arrays", "missing_inputs",
+           "mnist_base_indices", "validate"]
 
-# ----------------------------------------------------------------------------------------------- lazy images
-
-class LazyImages:
-    """Images rendered on access, indexed like an ``(N, 3, H, W)`` tensor.
-
-    ``images[i]`` gives ``(3, H, W)``; a slice, an index tensor, a list or a boolean mask gives ``(n, 3, H, W)``;
-    a tuple indexes the rendered result further (``images[:, 0]``). ``render(indices)`` must be deterministic in
-    the indices, so an image is the same whether it is drawn alone or in any batch.
-    """
-
-    def __init__(self, n: int, size: int, render: Callable[[torch.Tensor], torch.Tensor]):
-        self.n = int(n)
-        self.size = int(size)
-        self.render = render
-
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.n, 3, self.size, self.size))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    def __repr__(self) -> str:
-        return f"LazyImages(n={self.n}, size={self.size})"
-
-    def _indices(self, index) -> torch.Tensor:
-        if isinstance(index, slice):
-            return torch.arange(self.n)[index]
-        idx = torch.as_tensor(index)
-        if idx.numel() == 0:
-            return torch.zeros(0, dtype=torch.long)
-        if idx.dtype == torch.bool:
-            if idx.shape != (self.n,):
-                raise IndexError(f"boolean mask of shape {tuple(idx.shape)} for {self.n} images")
-            return torch.nonzero(idx).flatten()
-        if idx.is_floating_point() or idx.dim() != 1:
-            raise IndexError(f"cannot index {self!r} with {type(index).__name__} of shape {tuple(idx.shape)}")
-        idx = idx.long()
-        idx = torch.where(idx < 0, idx + self.n, idx)
-        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
-            raise IndexError(f"index out of range for {self.n} images")
-        return idx
-
-    def take(self, idx: torch.Tensor) -> torch.Tensor:
-        """Render the images at ``idx`` (a 1-D long tensor), in chunks of :data:`EVAL_CHUNK`."""
-        if len(idx) <= EVAL_CHUNK:
-            return self.render(idx)
-        return torch.cat([self.render(part) for part in idx.split(EVAL_CHUNK)])
-
-    def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, tuple):
-            first, rest = index[0], index[1:]
-            out = self[first]
-            return out[rest] if isinstance(first, int) else out[(slice(None),) + rest]
-        if isinstance(index, numbers.Integral) or (torch.is_tensor(index) and index.dim() == 0
-                                                   and not index.is_floating_point()):
-            i = int(index)
-            if not -self.n <= i < self.n:
-                raise IndexError(f"image index {i} out of range for {self.n} images")
-            return self.render(torch.tensor([i % self.n]))[0]
-        return self.take(self._indices(index))
-
-    def materialize(self) -> torch.Tensor:
-        """Every image as one tensor (mind the memory: ``N * 3 * H * W * 4`` bytes)."""
-        return self.take(torch.arange(self.n))
-
-
-class LazySplit(Split):
-    """A :class:`Split` whose ``images`` is a :class:`LazyImages`; a DataLoader batch is rendered in one call.
-
-    PyTorch's map-style fetcher calls ``__getitems__`` with a whole batch of indices when a dataset has it.
-    """
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        images = self.images[idx]
-        labels, attrs = self.labels[idx].tolist(), self.attrs[idx].tolist()
-        return list(zip(images.unbind(0), labels, attrs))
-
-
-# ----------------------------------------------------------------------------------------------- rendering
-
-def affine_thetas(n: int, gen: torch.Generator, max_shift: float = 0.08, max_rot_deg: float = 10.0,
-                  scale: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
-    """Per-image affine jitter ``(n, 2, 3)`` with the distribution of :func:`debias.data.shifts.random_affine`.
-
-    Drawn once per split (and per epoch for training), so a lazily rendered image never changes between accesses.
-    """
-    angle = (torch.rand(n, generator=gen) * 2 - 1) * max_rot_deg * torch.pi / 180
-    s = scale[0] + torch.rand(n, generator=gen) * (scale[1] - scale[0])
-    t = (torch.rand(n, 2, generator=gen) * 2 - 1) * max_shift * 2
-    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    return torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
-
-
-class DigitRenderer:
-    """Renders coloured digits from 28 px uint8 base images: jitter + resize in one bicubic ``grid_sample`` (or a
-    bicubic resize without jitter, as CLIP's preprocessing does), then the paper's colouring: the grayscale digit
-    times the colour's RGB (``gray`` copies it into all channels).
-
-    A module-level class, not a closure, so the images of an evaluation split pickle (spawned DataLoader workers).
-    """
-
-    def __init__(self, base: torch.Tensor, attrs: torch.Tensor, palette: torch.Tensor, size: int,
-                 thetas: torch.Tensor | None):
-        self.base = base          # (N, 28, 28) uint8, the base image of each rendered image
-        self.attrs = attrs        # (N,) colour index into palette
-        self.palette = palette    # (K + 1, 3), the last row white (grayscale)
-        self.size = size
-        self.thetas = thetas      # (N, 2, 3) or None (no jitter)
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        n = len(idx)
-        gray = self.base[idx].unsqueeze(1).float().div_(255.0)
-        if self.thetas is not None:
-            grid = F.affine_grid(self.thetas[idx], [n, 1, self.size, self.size], align_corners=False)
-            out = F.grid_sample(gray, grid, mode="bicubic", padding_mode="zeros", align_corners=False).clamp_(0, 1)
-        elif gray.shape[-1] != self.size:  # no jitter: a plain resize, 4x faster than grid_sample
-            out = F.interpolate(gray, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp_(0, 1)
-        else:
-            out = gray
-        rgb = self.palette[self.attrs[idx]].view(n, 3, 1, 1)
-        return out * rgb
-
-
-def _palette(colors: list[str]) -> torch.Tensor:
-    return torch.tensor([PALETTE[c] for c in colors] + [(1.0, 1.0, 1.0)], dtype=torch.float32)
-
-
-def render_lazy(base: torch.Tensor, labels: torch.Tensor, cfg: DataCfg, mode: str, copies: int, seed: int,
-                attrs: torch.Tensor | None = None, augment: bool | None = None
-                ) -> tuple[LazyImages, torch.Tensor, torch.Tensor]:
-    """``copies`` renders of each base image: colours drawn as :func:`debias.data.digits.render_split` does (or
-    ``attrs`` given, one per render), jitter parameters drawn up front (``augment``: None follows
-    ``data.augment``); images rendered on access. Returns images, labels, colour index."""
-    gen = torch.Generator().manual_seed(seed)
-    base = base.repeat(copies, 1, 1) if copies > 1 else base
-    labels = labels.repeat(copies)
-    if attrs is None:
-        attrs = assign_colors(labels, len(cfg.colors), mode, cfg.bias, gen)
-    augment = cfg.augment if augment is None else augment
-    thetas = affine_thetas(len(labels), gen) if augment else None
-    renderer = DigitRenderer(base, attrs, _palette(cfg.colors), cfg.image_size, thetas)
-    return LazyImages(len(labels), cfg.image_size, renderer), labels, attrs
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+"""The four raw MNIST files torchvision reads from ``<data.root>/MNIST/raw/`` (each may also be gzipped)."""
+MNIST_LEGACY_FILES = ("training.pt", "test.pt")
+"""torchvision's older processed layout (``<data.root>/MNIST/processed/``), still read by ``datasets.MNIST``."""
 
 
 # ----------------------------------------------------------------------------------------------- MNIST files
+
+def mnist_raw_folder(root: str | Path) -> Path:
+    return Path(root) / "MNIST" / "raw"
+
+
+def mnist_missing_files(root: str | Path) -> list[str]:
+    """Raw MNIST files (torchvision layout) absent under ``root``; a file counts as present gzipped or not."""
+    raw = mnist_raw_folder(root)
+    processed = Path(root) / "MNIST" / "processed"
+    if all((processed / f).is_file() for f in MNIST_LEGACY_FILES):
+        return []
+    return [str(raw / f) for f in MNIST_FILES if not (raw / f).is_file() and not (raw / f"{f}.gz").is_file()]
+
+
+def _mnist_layout_hint(root: Path) -> str:
+    """A hint when ``root`` points one or two levels too deep (at ``MNIST/`` or ``MNIST/raw/``)."""
+    for candidate, parent in ((root, root.parent.parent), (root / "raw", root.parent)):
+        if any((candidate / f).is_file() or (candidate / f"{f}.gz").is_file() for f in MNIST_FILES):
+            return f" (the files seem to be in {candidate}: set data.root = {str(parent)!r})"
+    return ""
+
+
+def mnist_missing_message(root: str, missing: list[str]) -> str:
+    """One line naming each missing MNIST file and where it must go."""
+    if not root:
+        return ("data.root is not set: colored_mnist needs the folder that contains MNIST/raw/ with "
+                f"{', '.join(MNIST_FILES)} (torchvision layout; .gz accepted); set data.root, or set "
+                "data.download = true on a machine with internet access")
+    raw = mnist_raw_folder(root)
+    state = "does not exist" if not Path(root).exists() else "lacks MNIST files"
+    return (f"data.root = {root!r} {state}: MNIST file(s) {', '.join(missing)} not found (.gz accepted); put the "
+            f"torchvision-format MNIST files in {raw}/, or set data.download = true on a machine with internet "
+            f"access{_mnist_layout_hint(Path(root))}")
+
+
+def missing_inputs(cfg: DataCfg) -> list[str]:
+    """One message naming every raw MNIST file missing under ``data.root`` (none with ``data.download``)."""
+    if cfg.download:
+        return []
+    missing = mnist_missing_files(cfg.root) if cfg.root else list(MNIST_FILES)
+    return [mnist_missing_message(cfg.root, missing)] if missing else []
+
 
 def _gunzip_missing(raw: Path) -> None:
     """torchvision reads only uncompressed raw files (it extracts .gz only while downloading): extract them here."""
@@ -265,7 +166,7 @@ def mnist_base_indices(train_digits: torch.Tensor, test_digits: torch.Tensor, cf
             raise DebiasError(f"data.split_fractions.{need} = 0: colored_mnist needs a {need} split; give it a "
                               "fraction > 0")
     f_train, f_val, f_unl = fr["train"], fr["val"], fr.get("unlabeled", 0.0)
-    gen = torch.Generator().manual_seed(_split_seed(seed, "mnist-base-split"))
+    gen = torch.Generator().manual_seed(split_seed(seed, "mnist-base-split"))
     offset = len(train_digits)
     n_train: list[int] = []
     held: list[torch.Tensor] = []
@@ -323,7 +224,7 @@ def _split(name: str, base: torch.Tensor, labels: torch.Tensor, cfg: DataCfg, se
         fixed = train_attributes(labels, len(cfg.colors), mode, cfg.bias, cfg.train_copies, seed)
 
         def render(epoch: int, base=base, labels=labels):
-            return render_lazy(base, labels, cfg, mode, cfg.train_copies, _split_seed(seed, "train", epoch),
+            return render_lazy(base, labels, cfg, mode, cfg.train_copies, split_seed(seed, "train", epoch),
                                attrs=fixed)
 
         def render_plain(base=base, labels=labels):
@@ -332,11 +233,11 @@ def _split(name: str, base: torch.Tensor, labels: torch.Tensor, cfg: DataCfg, se
         return LazySplit(name, images, lab, attrs, class_names, attr_names, render=render, epoch=0,
                          render_plain=render_plain)
     copies = cfg.unlabeled_copies if name == "unlabeled" else cfg.eval_copies
-    images, lab, attrs = render_lazy(base, labels, cfg, mode, copies, _split_seed(seed, name))
+    images, lab, attrs = render_lazy(base, labels, cfg, mode, copies, split_seed(seed, name))
     return LazySplit(name, images, lab, attrs, class_names, attr_names)
 
 
-def load_colored_mnist(cfg: DataCfg, seed: int) -> DatasetBundle:
+def load(cfg: DataCfg, seed: int) -> DatasetBundle:
     """Coloured MNIST digits ``cfg.classes`` in ``cfg.colors`` at ``cfg.image_size``, split as the module says."""
     arrays = load_mnist_arrays(cfg.root, cfg.download)
     (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]
@@ -354,4 +255,5 @@ def load_colored_mnist(cfg: DataCfg, seed: int) -> DatasetBundle:
         splits[name] = _split(name, base_all[idx], labels, cfg, seed, class_names, attr_names)
     unlabeled = splits.pop("unlabeled", None)
     return DatasetBundle(splits=splits, class_names=class_names, attr_names=attr_names, attribute="color",
-                         unlabeled=unlabeled, shift_splits=tuple(s for s in SHIFT_SPLITS if s in splits))
+                         unlabeled=unlabeled, shift_splits=tuple(s for s in SHIFT_SPLITS if s in splits),
+                         uncaptioned_attrs=("gray",))
