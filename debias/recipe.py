@@ -32,10 +32,20 @@ class DataCfg:
     """Which images, which classes and how strongly the spurious attribute follows the label."""
 
     name: str = field(default="colored_digits", metadata={"choices": DATASETS.keys()})
+    """The dataset, by its name in ``debias/data/registry.py`` (docs/DATASETS.md describes each):
+    ``colored_digits`` is scikit-learn's bundled digits, coloured (nothing to download)."""
     classes: list[int] = field(default_factory=lambda: [5, 8])
+    """Coloured-digit datasets: the digits to classify (two or more of 0..9); class ``k`` is ``classes[k]``."""
     colors: list[str] = field(default_factory=lambda: ["red", "green"])
+    """Coloured-digit datasets: two or more palette colours (red, green, blue, yellow, magenta, cyan, orange,
+    purple); class ``k`` owns colour ``colors[k mod len(colors)]``."""
     bias: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    """Coloured-digit datasets: the probability that an image of the biased splits (train, val, test) has its class's
+    own colour; otherwise one of the other colours, uniformly. 1.0: colour and class always agree. Folder datasets do
+    not read it (their images fix their own bias)."""
     image_size: int = field(default=32, metadata=_range(8, 1024))
+    """Side of the square images in pixels: digits are resized to it, a folder dataset's images resized on their
+    shorter side and centre-cropped."""
     augment: bool = True
     """Small random affine jitter (translate, rotate, scale) on every rendered image."""
     split_fractions: dict[str, float] = field(default_factory=lambda: {
@@ -55,6 +65,8 @@ class DataCfg:
     root: str = ""
     """Local data folder (MNIST in torchvision layout, or the folder dataset's images)."""
     download: bool = False
+    """``colored_mnist``: let torchvision download MNIST into ``root`` (needs internet access); otherwise the files
+    must be there already."""
     metadata: str = ""
     """Folder datasets: the metadata CSV, relative to ``root`` unless absolute."""
     columns: dict[str, str] = field(default_factory=dict)
@@ -65,9 +77,12 @@ class DataCfg:
     attribute_values: list[str] = field(default_factory=list)
     """Folder datasets: names of the spurious attribute's values (index = value in the CSV)."""
     class_names: list[str] = field(default_factory=list)
+    """Folder datasets: names of the classes (index = label value in the CSV); empty: named after the values."""
     train_per_class: int = field(default=0, metadata=_range(0, None))
     """Real datasets: images per class for training (0 = all); the paper uses 5,000."""
     test_per_class: int = field(default=0, metadata=_range(0, None))
+    """Real datasets: ``colored_mnist``'s base images per class of every evaluation split (0 = as many as MNIST's
+    test set has); a folder dataset's cap on the val and test images per class (0 = all)."""
 
 
 @dataclass
@@ -75,7 +90,10 @@ class ModelCfg:
     """The standalone timm CNN."""
 
     name: str = "resnet18"
+    """A timm model name (any model with ``forward_intermediates``: its stage outputs are the taps)."""
     pretrained: bool = False
+    """Start from timm's pretrained weights, read from the local caches (never downloaded: the preflight names a
+    missing file); false trains from random weights."""
     checkpoint: str = ""
     """A local weights file for the standalone model (timm's ``checkpoint_path``)."""
 
@@ -89,6 +107,8 @@ class ClipCfg:
     pretrained: str = ""
     """Weights for an open_clip model: a local file path, or a tag (``openai``) found in the hub cache."""
     cache_dir: str = ""
+    """The Hugging Face hub cache folder searched for a ``pretrained`` tag's weights (empty: the default, under
+    ``HF_HOME``)."""
 
 
 @dataclass
@@ -99,8 +119,12 @@ class MatchingCfg:
     """``train``: the biased training images (what a user has); ``independent``: images whose spurious
     attribute varies independently of the label (the unlabeled stream's base images)."""
     num_images: int = field(default=512, metadata=_range(8, None))
+    """Probe images streamed through both models to correlate their channels (at most the probe split's size)."""
     batch_size: int = field(default=128, metadata=_range(1, None))
+    """Probe images per forward pass while matching (memory; the matching is the same up to float rounding)."""
     selection: str = field(default="paper", metadata=_choices("paper", "mutual"))
+    """``paper``: every CLIP channel takes its best-correlated standalone channel; ``mutual``: only pairs that are
+    each other's best, with a correlation of at least ``threshold``."""
     threshold: float = field(default=0.0, metadata=_range(-1.0, 1.0))
     """``mutual`` selection keeps a pair only above this correlation."""
     standalone_taps: list[str] = field(default_factory=list)
@@ -112,10 +136,15 @@ class GraftCfg:
     """How matched channels are put into CLIP."""
 
     mode: str = field(default="swap", metadata=_choices("swap", "stitch"))
+    """``swap`` (the paper's surgery): matched CLIP channels replaced by their standalone channels, rescaled to the
+    CLIP channel's mean and std; ``stitch``: each grafted stage replaced by a linear map fitted from the standalone
+    taps."""
     stages: list[str] = field(default_factory=lambda: ["layer2", "layer3", "layer4"])
+    """The CLIP stages grafted: one or more of ``layer1`` .. ``layer4``."""
     unmatched: str = field(default="mean", metadata=_choices("mean", "keep"))
     """CLIP channels without a match in a grafted stage: fixed to their probe mean, or CLIP's own."""
     stitch_ridge: float = field(default=1e-3, metadata=_range(0.0, None))
+    """``stitch``: the ridge penalty of the closed-form linear map, relative to the standalone taps' mean variance."""
 
 
 @dataclass
@@ -123,9 +152,15 @@ class ConceptsCfg:
     """Concepts: named caption sets. For coloured digits they follow ``data.classes`` and ``data.colors``."""
 
     spurious: list[str] = field(default_factory=lambda: ["color"])
+    """Concepts the model should not rely on; the first is the ``concept`` method's penalised concept. A concept's
+    captions describe the spurious attribute's values, one each."""
     core: list[str] = field(default_factory=lambda: ["digit"])
+    """Concepts the model should rely on; their captions describe the classes, one each."""
     color_template: str = "a photo of a {color} digit."
+    """Coloured-digit datasets: the ``color`` concept's caption of each ``data.colors`` value (``{color}``)."""
     digit_template: str = "a photo of the digit {word}."
+    """Coloured-digit datasets: the ``digit`` concept's caption of each ``data.classes`` value (``{word}``: the
+    digit's English word, ``{n}``: the digit)."""
     captions: dict[str, list[str]] = field(default_factory=dict)
     """Explicit captions per concept (one per attribute value, in order); overrides the templates."""
 
@@ -137,24 +172,38 @@ class ExplainCfg:
     split: str = "shifted"
     """Images the scores are computed on; the spurious attribute must vary independently of the label."""
     control_draws: int = field(default=5, metadata=_range(0, 100))
+    """Random matchings (as many channels swapped as the real matching, chosen at random) scored as the control
+    (0 = none)."""
     num_images: int = field(default=0, metadata=_range(0, None))
     """Score at most this many images of the split (0: all)."""
 
 
 @dataclass
 class TrainCfg:
+    """The training run: method, budget, optimizer and where it runs."""
+
     method: str = "erm"
+    """The training method: ``erm`` (plain cross-entropy) or a debiasing method by name (``concept``, ``groupdro``,
+    ``jtt``, ``reweight``, ``augment``); a method's own settings are its section (``[concept]``, ``[jtt]``, ...)."""
     epochs: int = field(default=8, metadata=_range(1, 100000))
+    """Passes over the training split (JTT's ``retrain`` adds its identification epochs before them)."""
     batch_size: int = field(default=64, metadata=_range(2, None))
     """At least 2: BatchNorm cannot train on one image."""
     lr: float = field(default=1e-3, metadata=_range(0.0, None, lo_open=True))
+    """AdamW's peak learning rate."""
     weight_decay: float = field(default=1e-4, metadata=_range(0.0, None))
+    """AdamW's decoupled weight decay."""
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0))
     """Label smoothing of the task loss on labelled images, every method (torch's ``cross_entropy``)."""
     warmup_epochs: float = field(default=0.5, metadata=_range(0.0, None))
+    """Epochs of linear learning-rate warmup, after which the rate follows a cosine to zero at the last step."""
     device: str = "auto"
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun, ``auto`` and
+    ``cuda`` give each process ``cuda:LOCAL_RANK``, ``cpu`` runs every process on the CPU."""
     num_workers: int = field(default=0, metadata=_range(0, 64))
+    """DataLoader worker processes for the training split (0: batches are made in the training process)."""
     log_every: int = field(default=10, metadata=_range(1, None))
+    """Write the loss terms and the learning rate to TensorBoard every N steps."""
     precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
     """Autocast precision for the training step, the graft included (fp16 adds a gradient scaler on CUDA)."""
     channels_last: bool = False
@@ -279,6 +328,8 @@ class SelectionCfg:
 @dataclass
 class Recipe:
     seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    """Seeds every random draw of a run: the data's splits, colours and jitter, the model's initial weights, the
+    batch order."""
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     clip: ClipCfg = field(default_factory=ClipCfg)

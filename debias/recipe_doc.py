@@ -1,5 +1,7 @@
 """``debias recipe``: a resolved recipe printed as TOML, each key under its meaning, default and allowed values.
 
+:func:`undocumented` lists the keys without a meaning (the tests keep it empty).
+
 The meanings are the recipe dataclasses' attribute docstrings (the string literal under a field), read from the
 source with :mod:`ast`, so the recipe reference lives in one place: :mod:`debias.recipe`.
 """
@@ -69,8 +71,7 @@ def _key_lines(f: dataclasses.Field, value: typing.Any, doc: str | None) -> list
     lines = _comment(doc) if doc else []
     notes = []
     default = _default(f)
-    if value != default:
-        notes.append(f"default {_toml_value(default)}")
+    notes.append("default" if value == default else f"default {_toml_value(default)}")
     if _allowed(f):
         notes.append(_allowed(f))
     if notes:
@@ -82,7 +83,8 @@ def _key_lines(f: dataclasses.Field, value: typing.Any, doc: str | None) -> list
 def describe_recipe(recipe: Recipe, source: str = "") -> str:
     """The resolved recipe as TOML (it loads back as the same recipe), every key under its meaning."""
     lines = [f"# {source}: the resolved recipe" if source else "# the resolved recipe",
-             "# every key under its meaning; '(default X)' marks a value this recipe changes", ""]
+             "# every key under its meaning and default: '(default)' when the value is the default, '(default X)' when",
+             "# this recipe changes it", ""]
     tables = []
     for f in dataclasses.fields(Recipe):
         value = getattr(recipe, f.name)

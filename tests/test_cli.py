@@ -39,7 +39,7 @@ def test_recipe_prints_every_key_with_its_meaning(capsys):
     label_smoothing = lines.index("label_smoothing = 0.05")
     doc = field_docs(TrainCfg)["label_smoothing"].split()[0]
     assert any(doc in line for line in lines[label_smoothing - 3:label_smoothing])
-    assert '# (one of "paper", "mutual")' in out
+    assert '# (default; one of "paper", "mutual")' in out
 
 
 def test_recipe_bad_key_is_one_line(capsys):
