@@ -16,8 +16,8 @@ run starts, the sweep exits 130 (``--jobs 1`` too), and the same command resumes
 
 A method ``concept:SOURCE`` is the concept method with ``concept.source = SOURCE``.
 
-A folder dataset (``data.name = "folder"``: Waterbirds, CelebA) takes no ``--bias``: its images fix their own bias, so
-its runs are ``OUT/<method>_seed<seed>`` and the compare labels them without one.
+A dataset whose ``SETTING_KEYS`` lack ``bias`` (``data.name = "folder"``: Waterbirds, CelebA) takes no ``--bias``: its
+images fix their own bias, so its runs are ``OUT/<method>_seed<seed>`` and the compare labels them without one.
 
 A run deletes its ``checkpoint.pt`` (the model, optimizer and method state a killed run resumes from, the largest
 file) once it has finished; the model, the selection rules' picks and the figures stay, and compare and ``debias
@@ -40,6 +40,7 @@ from pathlib import Path
 
 from debias.cli import main as debias_main
 from debias.compare import compare_runs, parse_goal
+from debias.data.registry import dataset
 from debias.errors import DebiasError
 from debias.recipe import load_recipe, require_same_recipe
 
@@ -184,14 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         p.error(f"--out {str(out)!r}: exists and is not a directory")
     try:
-        folder = load_recipe(args.recipe, args.overrides).data.name == "folder"
+        data_name = load_recipe(args.recipe, args.overrides).data.name
     except DebiasError as e:
         p.error(str(e))
-    if folder and args.bias is not None:
-        p.error(f"--bias {' '.join(map(str, args.bias))}: {args.recipe} is a folder dataset (data.name = 'folder'), "
-                "whose images fix the bias; data.bias is not read, so drop --bias")
+    fixed_bias = "bias" not in dataset(data_name).SETTING_KEYS  # a folder dataset's images fix their own bias
+    if fixed_bias and args.bias is not None:
+        p.error(f"--bias {' '.join(map(str, args.bias))}: {args.recipe} is a {data_name} dataset (data.name = "
+                f"'{data_name}'), whose images fix the bias; data.bias is not read, so drop --bias")
     runs, todo, t0 = [], [], time.perf_counter()
-    for bias in [None] if folder else (args.bias or [1.0]):
+    for bias in [None] if fixed_bias else (args.bias or [1.0]):
         for method in args.methods:
             for seed in args.seeds:
                 d = run_dir(out, method, bias, seed)
