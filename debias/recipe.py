@@ -17,14 +17,7 @@ from typing import Any
 
 from .data.registry import DATASETS, dataset
 from .errors import RecipeError, did_you_mean
-
-
-def _choices(*values: str) -> dict:
-    return {"choices": values}
-
-
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open)}
+from .recipe_fields import _choices, _range
 
 
 @dataclass
