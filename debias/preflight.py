@@ -111,7 +111,8 @@ def missing_inputs(recipe: Recipe, model_weights: bool = True) -> list[str]:
     """One message per missing input of ``recipe``, each naming the file and the recipe key that fixes it.
 
     ``model_weights=False`` skips the standalone model's weights (``explain`` loads a trained run's checkpoint).
-    Loads no model and no data; imports timm or open_clip only for a pretrained CNN or a CLIP tag.
+    Loads no model and no data; imports the dataset's module (which imports torch, as loading the recipe already
+    did), and timm or open_clip only for a pretrained CNN or a CLIP tag.
     """
     problems: list[str] = list(dataset(recipe.data.name).missing_inputs(recipe.data))
     if model_weights:
