@@ -8,8 +8,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from debias.cli import main
 from debias.compare import _matches, compare_runs, mcnemar_exact
-from debias.train.methods import (METHODS, logit_correlation, mutual_information_of_joint, permute_channels,
-                                  random_grayscale, soft_mutual_information)
+from debias.methods import METHODS
+from debias.methods.augment import permute_channels, random_grayscale
+from debias.methods.concept import logit_correlation, mutual_information_of_joint, soft_mutual_information
 
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
         "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t",

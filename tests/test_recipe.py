@@ -105,3 +105,28 @@ def test_cli_bad_recipe_exit_2_and_nothing_written(tmp_path, capsys):
 def test_recipe_from_dict_defaults():
     r = recipe_from_dict({})
     assert r.data.classes == [5, 8] and r.data.colors == ["red", "green"] and r.data.bias == 1.0
+
+
+def test_recipe_module_imports_no_torch():
+    """``debias.recipe`` imports no torch or timm: the methods' sections come from their modules (through the
+    registry in ``debias.methods``) only when a recipe is built."""
+    import subprocess
+    import sys
+
+    code = ("import debias.recipe, debias.methods, sys; "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_method_sections_keep_their_keys_and_every_method_is_registered():
+    """The methods' sections are defined in their modules and read back into the recipe under the same names; an
+    unknown method names its key."""
+    from debias.methods import METHODS, config_class
+
+    r = load_recipe(DEFAULT, ["concept.weight=2", "jtt.upweight=5", "groupdro.eta=0.1", "augment.grayscale_p=0.5"])
+    assert (r.concept.weight, r.jtt.upweight, r.groupdro.eta, r.augment.grayscale_p) == (2.0, 5.0, 0.1, 0.5)
+    assert {name for name in METHODS if config_class(name) is not None} == {"concept", "groupdro", "jtt", "augment"}
+    assert sorted(METHODS) == ["augment", "concept", "erm", "groupdro", "jtt", "reweight"]
+    with pytest.raises(RecipeError, match=r"train.method = 'jt': expected one of .*did you mean 'jtt'"):
+        load_recipe(DEFAULT, ["train.method=jt"])
