@@ -43,7 +43,7 @@ from ..errors import DebiasError, TrainingInterrupted, did_you_mean
 from ..evaluate import evaluate_splits
 from ..explain import explain_model, probe_split
 from ..models.clip import load_clip
-from ..models.standalone import StandaloneModel
+from ..models.standalone import StandaloneModel, load_fitting_weights
 from ..recipe import Recipe, recipe_to_toml, require_same_recipe
 from ..methods import build_method, needs_unlabeled
 from ..methods.base import MethodContext
@@ -614,16 +614,8 @@ class Trainer:
     def load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT
         state = io.load_state(path)
-        meta = state.get("meta", {})
-        if meta.get("model") != self.recipe.model.name or meta.get("classes") != ",".join(self.bundle.class_names):
-            raise DebiasError(f"{path}: checkpoint of model {meta.get('model')!r} on classes [{meta.get('classes')}] "
-                              f"does not fit the recipe's {self.recipe.model.name!r} on "
-                              f"[{','.join(self.bundle.class_names)}]")
-        try:
-            self.net.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise DebiasError(f"{path}: weights do not fit {self.recipe.model.name}: "
-                              f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
+        load_fitting_weights(self.net, state["model"], state.get("meta", {}), self.recipe.model.name,
+                             self.bundle.class_names, path, require_meta=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
