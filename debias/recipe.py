@@ -315,9 +315,15 @@ def _check_meta(key: str, value: Any, meta: typing.Mapping) -> None:
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls, localns=_method_section_classes() if cls is Recipe else None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    retired = getattr(cls, "RETIRED", {})
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
+        if key not in fields and key in retired:  # a removed key: only at the value every run now trains with
+            if value != retired[key]:
+                raise RecipeError(f"{full} = {value!r}: this key was removed from the recipe; only "
+                                  f"{_toml_value(retired[key])} (what every run now does) is accepted")
+            continue
         if key not in fields:
             raise RecipeError(f"unknown recipe key {full!r}{did_you_mean(key, fields)}; "
                               f"valid keys here: {sorted(fields)}")
@@ -417,6 +423,14 @@ def _validate_cross(recipe: Recipe) -> None:
         raise RecipeError("graft.stages = []: expected at least one CLIP stage")
     if len(set(recipe.graft.stages)) != len(recipe.graft.stages):
         raise RecipeError(f"graft.stages = {recipe.graft.stages!r}: expected distinct stages")
+
+
+def retired_keys() -> dict[str, Any]:
+    """``{"section.key": value}`` for the keys removed from the recipe, each with the value every run now trains
+    with (a section's ``RETIRED``): a saved recipe or ``metrics.json`` holding one at that value is this recipe."""
+    defaults = Recipe()
+    return {f"{f.name}.{key}": value for f in dataclasses.fields(Recipe)
+            for key, value in getattr(type(getattr(defaults, f.name)), "RETIRED", {}).items()}
 
 
 def recipe_differences(run_dir: str | Path, recipe: Recipe) -> list[str]:

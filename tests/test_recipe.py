@@ -130,3 +130,21 @@ def test_method_sections_keep_their_keys_and_every_method_is_registered():
     assert sorted(METHODS) == ["augment", "concept", "erm", "groupdro", "jtt", "reweight"]
     with pytest.raises(RecipeError, match=r"train.method = 'jt': expected one of .*did you mean 'jtt'"):
         load_recipe(DEFAULT, ["train.method=jt"])
+
+
+def test_removed_concept_keys_load_at_the_value_every_run_has_and_refuse_any_other(tmp_path):
+    """A run directory's recipe.toml written while ``[concept]`` still had graft_read, temperature, dependence,
+    adversary_memory and stream_loss_rows loads as the same recipe when they hold the values every run now trains
+    with; another value names the key."""
+    from debias.recipe import recipe_differences, retired_keys
+
+    recipe = load_recipe(DEFAULT)
+    old = recipe_to_toml(recipe).replace("[concept]\n", "[concept]\n" + "".join(
+        f"{key.split('.')[1]} = {value!r}\n".replace("'", '"') for key, value in retired_keys().items()))
+    assert 'graft_read = "match"' in old and "stream_loss_rows = 0" in old
+    (tmp_path / "recipe.toml").write_text(old)
+    assert load_recipe(tmp_path / "recipe.toml") == recipe
+    assert recipe_differences(tmp_path, recipe) == []
+    for override, shown in (("concept.adversary_memory=7", "0"), ('concept.graft_read="step"', '"match"')):
+        with pytest.raises(RecipeError, match=f"this key was removed from the recipe; only {shown}"):
+            load_recipe(DEFAULT, [override])

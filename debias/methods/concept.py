@@ -1,10 +1,10 @@
-"""``concept``: the task loss plus the dependence between the CNN's class prediction and the spurious concept's
-caption prediction on the unlabeled stream (the project's method), with its optional terms: an adversary on the
-features, self-training and core-concept distillation on the stream."""
+"""``concept``: the task loss plus the soft mutual information between the CNN's class prediction and the spurious
+concept's caption prediction on the unlabeled stream (the project's method), with its optional terms: an adversary
+on the features, self-training and core-concept distillation on the stream."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class ConceptPenaltyCfg:
-    """The ``concept`` method: task loss + weight * dependence between the CNN's prediction and the spurious
-    concept's caption prediction, on the unlabeled stream."""
+    """The ``concept`` method: task loss + weight * soft mutual information between the CNN's prediction and the
+    spurious concept's caption prediction, on the unlabeled stream. With ``source = 'graft'`` the whole stream is
+    read through the graft once per (re-)matching, with the model of that moment, and those predictions are kept
+    until the next matching."""
+
+    RETIRED: ClassVar[dict[str, Any]] = {"graft_read": "match", "temperature": 1.0, "dependence": "mi",
+                                          "adversary_memory": 0, "stream_loss_rows": 0}
+    """Keys this section no longer has, with the value every run now trains with: a recipe holding one at that
+    value (a run directory's ``recipe.toml`` from before) loads without it; any other value is refused."""
 
     weight: float = field(default=1.0, metadata=_range(0.0, None))
     source: str = field(default="graft", metadata=_choices("graft", "clip", "labels"))
@@ -32,36 +39,17 @@ class ConceptPenaltyCfg:
     """With ``source = 'graft'``: match the model to CLIP again for the penalty's graft every N epochs (0 = only
     once, before training). The per-epoch tracking (``selection.track_concepts``) matches every epoch for its own
     read-out whatever N is; the penalty shares that matching on its due epochs and keeps its older graft between."""
-    graft_read: str = field(default="match", metadata=_choices("match", "step"))
-    """With ``source = 'graft'``: ``match`` reads the whole stream through the graft once per (re-)matching, with
-    the model of that moment, and keeps those predictions until the next matching; ``step`` reads each stream
-    batch through the graft from the current model's taps (the CNN can then hide the concept from the graft)."""
-    temperature: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
-    """Divides CLIP's logit scale for the caption prediction (higher = softer)."""
-    dependence: str = field(default="mi", metadata=_choices("mi", "logit_corr"))
-    """The dependence penalised: ``mi``, the soft mutual information between the class probabilities and the
-    concept prediction; ``logit_corr``, the mean squared correlation between the class logits and the concept
-    prediction (does not fade when the class prediction saturates)."""
     adversary_weight: float = field(default=0.0, metadata=_range(0.0, None))
-    """An adversary on the features, added to the dependence penalty: a small network trained alongside learns to
+    """An adversary on the features, added to the MI penalty: a small network trained alongside learns to
     predict the concept from the features the CNN's classifier reads (timm's pre-logits: the pooled last stage for
     a resnet) on the stream, and the CNN receives that loss's gradient reversed and times this weight (it is pushed
     to carry no concept information there). 0 = off; with ``weight = 0`` the adversary alone."""
     adversary_hidden: int = field(default=64, metadata=_range(1, None))
     """Width of the adversary's hidden layer."""
-    adversary_memory: int = field(default=0, metadata=_range(0, 1000))
-    """The adversary also learns from the detached features and concept predictions of the last N stream batches
-    (a memory: more rows per update at the same forward cost); the CNN's reversed gradient is still that of the
-    current batch's rows alone. 0 = the current batch only."""
     joint_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    """With ``dependence = 'mi'``: 0 estimates the joint distribution of class and concept predictions on each
-    stream batch alone; d > 0 keeps a running estimate ``d * previous + (1 - d) * batch`` (less sampling noise than
-    one small batch; d = 0.9 spans about ten batches)."""
-    stream_loss_rows: int = field(default=0, metadata=_range(0, None))
-    """An ablation: only the first N rows of each stream batch carry the stream's losses (the dependence penalty,
-    the adversary, self-training, the core term); the others still pass through the forward, so BatchNorm's batch
-    statistics see the whole stream batch. 0 = every row. Separates what a larger ``unlabeled_batch_size`` does
-    through the losses from what it does through the statistics."""
+    """0 estimates the joint distribution of class and concept predictions on each stream batch alone; d > 0 keeps
+    a running estimate ``d * previous + (1 - d) * batch`` (less sampling noise than one small batch; d = 0.9 spans
+    about ten batches)."""
     pseudo_label_weight: float = field(default=0.0, metadata=_range(0.0, None))
     """Self-training on the stream: weight of the cross-entropy of each stream image's class logits against the
     model's own detached prediction, for the images predicted with at least ``pseudo_label_threshold``
@@ -82,15 +70,6 @@ def validate(recipe: "Recipe") -> None:
     if k.joint_decay >= 1.0:
         raise RecipeError(f"concept.joint_decay = {k.joint_decay!r}: expected a value in [0, 1) (1 would never let the "
                           "running estimate move from the first batch)")
-    if k.stream_loss_rows and not 2 <= k.stream_loss_rows <= k.unlabeled_batch_size:
-        raise RecipeError(f"concept.stream_loss_rows = {k.stream_loss_rows!r}: expected 0 (every row) or 2 to "
-                          f"concept.unlabeled_batch_size = {k.unlabeled_batch_size} rows of each stream batch")
-    if k.adversary_memory and k.adversary_weight == 0:
-        raise RecipeError(f"concept.adversary_memory = {k.adversary_memory!r} needs the adversary: set "
-                          "concept.adversary_weight > 0, or concept.adversary_memory = 0")
-    if k.joint_decay > 0 and k.dependence != "mi":
-        raise RecipeError(f"concept.joint_decay = {k.joint_decay!r} applies to concept.dependence = 'mi' only, "
-                          f"not {k.dependence!r}; set concept.joint_decay = 0")
 
 
 def soft_mutual_information(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -116,22 +95,6 @@ def confident_self_training(logits: torch.Tensor, threshold: float) -> tuple[tor
     keep = (confidence >= threshold).float()
     ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
     return (ce * keep).sum() / keep.sum().clamp_min(1.0), keep.sum()
-
-
-def logit_correlation(logits: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Mean squared Pearson correlation over a batch between the CNN's class logits (N, K), centred over the
-    classes, and the concept's soft prediction ``q`` (N, C); 0 when uncorrelated, 1 when linearly dependent.
-
-    Unlike the mutual information of the softmax, it does not fade when the prediction saturates: a colour term
-    that a confident shape term hides from the probabilities still shows in the logits (and flips swapped images).
-    A column that is constant over the batch counts as uncorrelated.
-    """
-    z = logits.float() - logits.float().mean(1, keepdim=True)
-    z, q = z - z.mean(0), q.float() - q.float().mean(0)
-    cov = z.T @ q / z.shape[0]
-    scale = torch.outer(z.pow(2).mean(0).sqrt(), q.pow(2).mean(0).sqrt())
-    corr = torch.where(scale > eps, cov / scale.clamp_min(eps), torch.zeros_like(cov))
-    return corr.pow(2).mean()
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -199,12 +162,10 @@ class ConceptPenalty(Method):
         self.graft_core: torch.Tensor | None = None
         """With ``core_weight > 0``: the core concept's caption prediction of the stream, read with ``graft_q``."""
         self.graft_q_epoch = -1
-        """The matching epoch ``graft_q`` was read with (``graft_read = 'match'``)."""
+        """The matching epoch ``graft_q`` was read with."""
         self.joint: torch.Tensor | None = None
         """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
         self.adversary: torch.nn.Module | None = None
-        self.adversary_memory: list[tuple[torch.Tensor, torch.Tensor]] = []
-        """The last ``adversary_memory`` stream batches' detached features and concept predictions, oldest first."""
         if cfg.adversary_weight > 0:
             width = ctx.net.pre_logits_width
             self.adversary = torch.nn.Sequential(
@@ -244,13 +205,13 @@ class ConceptPenalty(Method):
         return self._cache_q(), self.cached_core
 
     def _softmax(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return (self.ctx.clip.logit_scale / self.cfg.temperature * emb.float() @ text.T).softmax(-1)
+        return (self.ctx.clip.logit_scale * emb.float() @ text.T).softmax(-1)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.cfg.source != "graft":
             return
         self.ctx.grafts.refresh_penalty(epoch, self.cfg.rematch_every)
-        if self.cfg.graft_read == "match" and self.graft_q_epoch != self.graft_epoch:
+        if self.graft_q_epoch != self.graft_epoch:
             self.graft_q, self.graft_core = self._read_stream_through_graft()
             self.graft_q_epoch = self.graft_epoch
 
@@ -290,8 +251,6 @@ class ConceptPenalty(Method):
         state = {} if self.joint is None else {"joint": self.joint.detach().cpu().clone()}
         if self.adversary is not None:
             state["adversary"] = {k: v.detach().cpu().clone() for k, v in self.adversary.state_dict().items()}
-            if self.adversary_memory:
-                state["adversary_memory"] = [[f.cpu().clone(), q.cpu().clone()] for f, q in self.adversary_memory]
         if self.graft_q is not None:
             state.update(graft_q=self.graft_q.clone(), graft_q_epoch=torch.tensor(self.graft_q_epoch))
         if self.graft_core is not None:
@@ -304,8 +263,6 @@ class ConceptPenalty(Method):
             self.joint = state["joint"].clone()
         if "adversary" in state and self.adversary is not None:
             self.adversary.load_state_dict(state["adversary"])
-            device = self.ctx.device
-            self.adversary_memory = [(f.to(device), q.to(device)) for f, q in state.get("adversary_memory", [])]
         if "graft_q" in state:
             self.graft_q = state["graft_q"].clone()
             self.graft_q_epoch = int(state["graft_q_epoch"])
@@ -313,12 +270,6 @@ class ConceptPenalty(Method):
             self.graft_core = state["graft_core"].clone()
         # the trainer's checkpoint restored the latest matching first: shared, or the penalty's older own
         self.ctx.grafts.load_penalty_state(state)
-
-    def _loss_rows(self, local: int) -> int:
-        """How many of this process's ``local`` stream rows carry the losses: those among the first
-        ``stream_loss_rows`` of the global batch (this process holds rows rank, rank + world, ...)."""
-        k = self.cfg.stream_loss_rows
-        return local if k == 0 else len(range(self.ctx.dist.rank, k, self.ctx.dist.world))
 
     def _with_self_training(self, nll: torch.Tensor, stream_logits: torch.Tensor, step: int
                             ) -> tuple[torch.Tensor, dict]:
@@ -330,65 +281,44 @@ class ConceptPenalty(Method):
         return nll + cfg.pseudo_label_weight * pseudo, {"pseudo_label": pseudo, "pseudo_label_kept": kept}
 
     def _adversary_loss(self, features: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """The adversary's cross-entropy against the concept prediction, averaged over this batch's rows and those
-        of the memory (``adversary_memory``); the batch's features get that loss's gradient reversed, scaled so that
-        the CNN receives ``-adversary_weight`` times the gradient of the batch's rows' mean loss, memory or not."""
-        memory = self.adversary_memory
-        rows = len(features) + sum(len(f) for f, _ in memory)
-        scale = self.cfg.adversary_weight * rows / len(features)
-        ce = -(q * self.adversary(reverse_gradient(features, scale)).log_softmax(-1)).sum(1)
-        # no gradient reaches the CNN through the memory: its features are detached
-        loss = ce.mean() if not memory else (ce.sum() - sum((old_q * self.adversary(old).log_softmax(-1)).sum()
-                                                            for old, old_q in memory)) / rows
-        if self.cfg.adversary_memory:
-            self.stage(adversary_memory=[*memory, (features.detach(), q.detach())][-self.cfg.adversary_memory:])
-        return loss
+        """The adversary's cross-entropy against the concept prediction, averaged over this batch's rows; the
+        features get that loss's gradient reversed and times ``adversary_weight`` on their way to the CNN."""
+        # the weight times rows / rows: rounded as the figures in docs/RESULTS.md were
+        scale = self.cfg.adversary_weight * len(features) / len(features)
+        return (-(q * self.adversary(reverse_gradient(features, scale)).log_softmax(-1)).sum(1)).mean()
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         ctx = self.ctx
         images_u, index_u = ctx.next_unlabeled()
         n = batch["images"].shape[0]
         x = torch.cat([batch["images"], images_u])
-        graft_step = self.cfg.source == "graft" and self.cfg.graft_read == "step"
         if self.cfg.source == "graft" and self.graft is None:  # a checkpoint written before the method kept its own
             ctx.grafts.share_latest_with_penalty()
-        if self.cfg.source == "graft" and not graft_step and self.graft_q is None:
+        if self.cfg.source == "graft" and self.graft_q is None:
             # a checkpoint written before the stream was read (an older version)
             (self.graft_q, self.graft_core), self.graft_q_epoch = self._read_stream_through_graft(), self.graft_epoch
-        # one forward (DDP's, when distributed); its taps feed the per-step graft read and the adversary
-        logits, taps = ctx.model(x, taps=True) if graft_step or self.adversary is not None else (ctx.model(x), None)
-        rows = self._loss_rows(len(images_u))
-        if rows < len(images_u):  # the ablation: the other stream rows only shaped the batch statistics
-            logits, images_u, index_u = logits[:n + rows], images_u[:rows], index_u[:rows]
-            taps = None if taps is None else {name: v[:n + rows] for name, v in taps.items()}
-        if graft_step:
-            with torch.no_grad():
-                q, core_q = self._caption_predictions(self.graft(images_u, {k: v[n:].detach()
-                                                                            for k, v in taps.items()}))
-        else:
-            q_all_stream, core_all_stream = self._stream_predictions()
-            q = q_all_stream[index_u].to(x.device)
-            core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
+        # one forward (DDP's, when distributed); its taps feed the adversary
+        logits, taps = ctx.model(x, taps=True) if self.adversary is not None else (ctx.model(x), None)
+        q_all_stream, core_all_stream = self._stream_predictions()
+        q = q_all_stream[index_u].to(x.device)
+        core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
         nll = self.task_loss(logits[:n], batch["labels"])
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
         q_all = ctx.dist.gather_rows(q.float())
         task, extra = self._with_self_training(nll, logits[n:], step)
-        if self.cfg.dependence == "logit_corr":
-            penalty = objective = logit_correlation(ctx.dist.gather_rows(logits[n:].float()), q_all)
+        p_all = ctx.dist.gather_rows(logits[n:].float().softmax(-1))
+        if self.cfg.joint_decay > 0:
+            with torch.no_grad():
+                batch_joint = p_all.detach().T @ q_all / len(q_all)
+                d = self.cfg.joint_decay
+                joint = batch_joint if self.joint is None else d * self.joint.to(x.device) + (1 - d) * batch_joint
+                self.stage(joint=joint)
+                penalty, pmi = mutual_information_of_joint(joint)
+            # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its
+            # expected value and, scaled by 1 / (1 - d) to a per-batch step, its gradient w.r.t. the batch's logits
+            objective = (p_all * (q_all @ pmi.T)).sum(1).mean()
         else:
-            p_all = ctx.dist.gather_rows(logits[n:].float().softmax(-1))
-            if self.cfg.joint_decay > 0:
-                with torch.no_grad():
-                    batch_joint = p_all.detach().T @ q_all / len(q_all)
-                    d = self.cfg.joint_decay
-                    joint = batch_joint if self.joint is None else d * self.joint.to(x.device) + (1 - d) * batch_joint
-                    self.stage(joint=joint)
-                    penalty, pmi = mutual_information_of_joint(joint)
-                # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its
-                # expected value and, scaled by 1 / (1 - d) to a per-batch step, its gradient w.r.t. the batch's logits
-                objective = (p_all * (q_all @ pmi.T)).sum(1).mean()
-            else:
-                penalty = objective = soft_mutual_information(p_all, q_all)
+            penalty = objective = soft_mutual_information(p_all, q_all)
         loss = task + self.cfg.weight * objective
         if core_q is not None:  # distillation of the core concept's caption prediction on the stream
             core = F.cross_entropy(logits[n:].float(), core_q.float())  # probabilities as the target

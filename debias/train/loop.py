@@ -221,13 +221,9 @@ class Trainer:
         if self.recipe.train.batch_size < world:
             raise DebiasError(f"train.batch_size = {self.recipe.train.batch_size}: the global batch is split across "
                               f"{world} processes; give it at least {world} images")
-        stream = needs_unlabeled(self.recipe.train.method)
-        if stream and self.recipe.concept.unlabeled_batch_size < world:
+        if needs_unlabeled(self.recipe.train.method) and self.recipe.concept.unlabeled_batch_size < world:
             raise DebiasError(f"concept.unlabeled_batch_size = {self.recipe.concept.unlabeled_batch_size}: the "
                               f"unlabeled batch is split across {world} processes; give it at least {world} images")
-        if stream and 0 < self.recipe.concept.stream_loss_rows < world:
-            raise DebiasError(f"concept.stream_loss_rows = {self.recipe.concept.stream_loss_rows}: the unlabeled "
-                              f"batch is split across {world} processes; give at least {world} rows")
 
     def _sync_buffers(self) -> None:
         """Broadcast rank 0's buffers (BatchNorm running statistics), so that every process holds the same model.
