@@ -17,10 +17,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class AugmentCfg:
+    """The ``augment`` method: ERM on colour-transformed training images."""
+
     transforms: list[str] = field(default_factory=lambda: ["channel_permutation", "grayscale"])
     """Colour transforms, one draw per training image: channel_permutation and grayscale (torchvision's, batched on
     the batch's device), color_jitter (torchvision v2, image by image)."""
     grayscale_p: float = field(default=0.2, metadata=_range(0.0, 1.0))
+    """The probability that the ``grayscale`` transform turns an image gray."""
 
 
 def _v2():

@@ -31,10 +31,12 @@ class ConceptPenaltyCfg:
     value (a run directory's ``recipe.toml`` from before) loads without it; any other value is refused."""
 
     weight: float = field(default=1.0, metadata=_range(0.0, None))
+    """Weight of the MI penalty in the loss (0: the other terms alone)."""
     source: str = field(default="graft", metadata=_choices("graft", "clip", "labels"))
     """Where the spurious concept's prediction comes from: the grafted CLIP (default), plain CLIP on the raw
     image, or the true attribute (an oracle, for ablation)."""
     unlabeled_batch_size: int = field(default=16, metadata=_range(2, None))
+    """Stream images a step (the global batch on several processes), in the same forward as the training batch."""
     rematch_every: int = field(default=1, metadata=_range(0, None))
     """With ``source = 'graft'``: match the model to CLIP again for the penalty's graft every N epochs (0 = only
     once, before training). The per-epoch tracking (``selection.track_concepts``) matches every epoch for its own
@@ -55,7 +57,9 @@ class ConceptPenaltyCfg:
     model's own detached prediction, for the images predicted with at least ``pseudo_label_threshold``
     confidence, from ``pseudo_label_start`` (a fraction of the training steps) on. No labels are used. 0 = off."""
     pseudo_label_threshold: float = field(default=0.95, metadata=_range(0.0, 1.0))
+    """The confidence a stream image's predicted class needs to count in self-training."""
     pseudo_label_start: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    """When self-training starts, as a fraction of the steps of ``train.epochs``."""
     core_weight: float = field(default=0.0, metadata=_range(0.0, None))
     """Distillation of the core concept on the stream: weight of the cross-entropy of each stream image's class
     logits against the core concept's caption prediction (one caption per class, ``concepts.core``) from the same

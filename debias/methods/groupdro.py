@@ -12,7 +12,11 @@ from .base import Method, MethodContext
 
 @dataclass
 class GroupDROCfg:
+    """Group DRO (Sagawa et al. 2020): the loss is the group losses weighted by ``q``, which moves toward the worst
+    group each step. Uses the training group labels."""
+
     eta: float = field(default=0.01, metadata=_range(0.0, None, lo_open=True))
+    """Step size of the exponentiated-gradient update of the group weights (the paper's eta_q)."""
 
 
 class GroupDRO(Method):
