@@ -11,7 +11,7 @@ from .data import load_dataset
 from .errors import DebiasError
 from .explain import compute_matching, explain_model, probe_split
 from .models.clip import load_clip
-from .models.standalone import StandaloneModel
+from .models.standalone import StandaloneModel, load_fitting_weights
 from .recipe import Recipe, load_recipe
 from .train.loop import resolve_device, seed_everything
 
@@ -29,22 +29,7 @@ def load_standalone_weights(model: StandaloneModel, run_dir: Path, recipe: Recip
             meta = f.metadata() or {}
     except Exception as exc:
         raise DebiasError(f"{path}: not a readable safetensors checkpoint ({str(exc).splitlines()[0][:200]})") from None
-    if meta.get("model") and meta["model"] != recipe.model.name:
-        raise DebiasError(f"{path}: checkpoint is a {meta['model']!r} model but the recipe's model.name is "
-                          f"{recipe.model.name!r}")
-    if meta.get("classes") and meta["classes"] != ",".join(class_names):
-        raise DebiasError(f"{path}: checkpoint was trained on classes [{meta['classes']}] but the recipe has "
-                          f"[{','.join(class_names)}] (data.classes)")
-    state = io.load_tensors(path)
-    own = model.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-           if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
-    if bad or missing:
-        detail = bad[:3] if bad else [f"missing {missing[:3]}"]
-        raise DebiasError(f"{path}: checkpoint does not fit {recipe.model.name} with {len(class_names)} classes "
-                          f"({'; '.join(detail)})")
-    model.load_state_dict(state)
+    load_fitting_weights(model, io.load_tensors(path), meta, recipe.model.name, class_names, path)
 
 
 def explain_run(recipe_path: str, overrides: list[str], run_dir: Path, out: Path, progress: bool = True) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 from . import io
 from .data.registry import dataset
 from .errors import DebiasError
-from .recipe import DataCfg, Recipe, flatten_recipe
+from .recipe import DataCfg, Recipe, flatten_recipe, retired_keys
 
 SPLIT_ORDER = ("test", "shifted", "swapped", "grayscale", "val")
 
@@ -46,8 +46,9 @@ def settings(metrics: list[dict[str, Any]]) -> list[str]:
     variant (``train.epochs=16``, ...), so that runs trained differently are never averaged as one. A key a run's
     recipe lacks (the run was written before the key existed) counts as the key's default, which every new key
     keeps to the behaviour from before it."""
-    defaults = flatten_recipe(Recipe().to_dict())
-    flats = [{**defaults, **flatten_recipe(m.get("recipe", {}))} for m in metrics]
+    defaults, retired = flatten_recipe(Recipe().to_dict()), retired_keys()
+    flats = [{k: v for k, v in {**defaults, **flatten_recipe(m.get("recipe", {}))}.items()
+              if k not in retired or v != retired[k]} for m in metrics]  # a removed key at its value: as now
     variants = [variant(m) for m in metrics]
     varying: dict[str, list[str]] = {}
     for var in set(variants):

@@ -19,6 +19,12 @@ from .data.registry import DATASETS, dataset
 from .errors import RecipeError, did_you_mean
 from .recipe_fields import _choices, _range
 
+if typing.TYPE_CHECKING:  # the method sections' dataclasses, defined in the method modules (imported lazily)
+    from .methods.augment import AugmentCfg
+    from .methods.concept import ConceptPenaltyCfg
+    from .methods.groupdro import GroupDROCfg
+    from .methods.jtt import JTTCfg
+
 
 @dataclass
 class DataCfg:
@@ -210,92 +216,30 @@ class TrainCfg:
     CPU is refused; ``false``: per process everywhere. One process: nothing to synchronise."""
 
 
-@dataclass
-class ConceptPenaltyCfg:
-    """The ``concept`` method: task loss + weight * dependence between the CNN's prediction and the spurious
-    concept's caption prediction, on the unlabeled stream."""
+def _method_section(name: str) -> Any:
+    """The default factory of method ``name``'s section (``[name]``): its dataclass lives in the method's module
+    (:mod:`debias.methods`), imported through the registry when a recipe is built, not when this module is."""
+    def make() -> Any:
+        from .methods import config_class
 
-    weight: float = field(default=1.0, metadata=_range(0.0, None))
-    source: str = field(default="graft", metadata=_choices("graft", "clip", "labels"))
-    """Where the spurious concept's prediction comes from: the grafted CLIP (default), plain CLIP on the raw
-    image, or the true attribute (an oracle, for ablation)."""
-    unlabeled_batch_size: int = field(default=16, metadata=_range(2, None))
-    rematch_every: int = field(default=1, metadata=_range(0, None))
-    """With ``source = 'graft'``: match the model to CLIP again for the penalty's graft every N epochs (0 = only
-    once, before training). The per-epoch tracking (``selection.track_concepts``) matches every epoch for its own
-    read-out whatever N is; the penalty shares that matching on its due epochs and keeps its older graft between."""
-    graft_read: str = field(default="match", metadata=_choices("match", "step"))
-    """With ``source = 'graft'``: ``match`` reads the whole stream through the graft once per (re-)matching, with
-    the model of that moment, and keeps those predictions until the next matching; ``step`` reads each stream
-    batch through the graft from the current model's taps (the CNN can then hide the concept from the graft)."""
-    temperature: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
-    """Divides CLIP's logit scale for the caption prediction (higher = softer)."""
-    dependence: str = field(default="mi", metadata=_choices("mi", "logit_corr"))
-    """The dependence penalised: ``mi``, the soft mutual information between the class probabilities and the
-    concept prediction; ``logit_corr``, the mean squared correlation between the class logits and the concept
-    prediction (does not fade when the class prediction saturates)."""
-    adversary_weight: float = field(default=0.0, metadata=_range(0.0, None))
-    """An adversary on the features, added to the dependence penalty: a small network trained alongside learns to
-    predict the concept from the features the CNN's classifier reads (timm's pre-logits: the pooled last stage for
-    a resnet) on the stream, and the CNN receives that loss's gradient reversed and times this weight (it is pushed
-    to carry no concept information there). 0 = off; with ``weight = 0`` the adversary alone."""
-    adversary_hidden: int = field(default=64, metadata=_range(1, None))
-    """Width of the adversary's hidden layer."""
-    adversary_memory: int = field(default=0, metadata=_range(0, 1000))
-    """The adversary also learns from the detached features and concept predictions of the last N stream batches
-    (a memory: more rows per update at the same forward cost); the CNN's reversed gradient is still that of the
-    current batch's rows alone. 0 = the current batch only."""
-    joint_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    """With ``dependence = 'mi'``: 0 estimates the joint distribution of class and concept predictions on each
-    stream batch alone; d > 0 keeps a running estimate ``d * previous + (1 - d) * batch`` (less sampling noise than
-    one small batch; d = 0.9 spans about ten batches)."""
-    stream_loss_rows: int = field(default=0, metadata=_range(0, None))
-    """An ablation: only the first N rows of each stream batch carry the stream's losses (the dependence penalty,
-    the adversary, self-training, the core term); the others still pass through the forward, so BatchNorm's batch
-    statistics see the whole stream batch. 0 = every row. Separates what a larger ``unlabeled_batch_size`` does
-    through the losses from what it does through the statistics."""
-    pseudo_label_weight: float = field(default=0.0, metadata=_range(0.0, None))
-    """Self-training on the stream: weight of the cross-entropy of each stream image's class logits against the
-    model's own detached prediction, for the images predicted with at least ``pseudo_label_threshold``
-    confidence, from ``pseudo_label_start`` (a fraction of the training steps) on. No labels are used. 0 = off."""
-    pseudo_label_threshold: float = field(default=0.95, metadata=_range(0.0, 1.0))
-    pseudo_label_start: float = field(default=0.5, metadata=_range(0.0, 1.0))
-    core_weight: float = field(default=0.0, metadata=_range(0.0, None))
-    """Distillation of the core concept on the stream: weight of the cross-entropy of each stream image's class
-    logits against the core concept's caption prediction (one caption per class, ``concepts.core``) from the same
-    ``source``: the grafted CLIP reading the CNN (``graft``), plain CLIP on the raw image (``clip``: CLIP as a
-    teacher), or the stream's true classes (``labels``: an oracle, supervised training on the stream; with
-    ``weight = 0`` it measures what labelling the stream would give). 0 = off."""
+        return config_class(name)()
+
+    return field(default_factory=make)
 
 
-@dataclass
-class GroupDROCfg:
-    eta: float = field(default=0.01, metadata=_range(0.0, None, lo_open=True))
+def _method_section_classes() -> dict[str, type]:
+    """The method sections' dataclasses by class name (what ``Recipe``'s annotations name)."""
+    from .methods import config_classes
+
+    return {cls.__name__: cls for cls in config_classes().values()}
 
 
-@dataclass
-class JTTCfg:
-    """Just Train Twice (Liu et al. 2021): an ERM model trained for ``first_epochs`` names the training examples it
-    gets wrong (the error set); they are then drawn ``upweight`` times as often."""
-
-    first_epochs: int = field(default=2, metadata=_range(1, None))
-    """Epochs of the identification model: ERM under ``train.epochs``' learning-rate schedule, stopped there."""
-    upweight: float = field(default=20.0, metadata=_range(1.0, None))
-    """How many times as often an error-set example is drawn as any other (the paper's lambda_up)."""
-    variant: str = field(default="retrain", metadata=_choices("retrain", "continue"))
-    """``retrain`` (the paper's): after the identification model's ``first_epochs`` epochs, the model is
-    re-initialised (the seed's initial weights, a fresh optimizer and learning-rate schedule) and trained for
-    ``train.epochs`` epochs on the upweighted set, so the run takes ``first_epochs + train.epochs`` epochs and the
-    final model never saw the identification model's training. ``continue``: the same model keeps training, upweighted
-    from epoch ``first_epochs`` to ``train.epochs`` (a cheaper variant, not the published method)."""
-
-
-@dataclass
-class AugmentCfg:
-    transforms: list[str] = field(default_factory=lambda: ["channel_permutation", "grayscale"])
-    """Colour transforms, one draw per training image: channel_permutation and grayscale (torchvision's, batched on
-    the batch's device), color_jitter (torchvision v2, image by image)."""
-    grayscale_p: float = field(default=0.2, metadata=_range(0.0, 1.0))
+def __getattr__(name: str) -> Any:
+    """``ConceptPenaltyCfg``, ``GroupDROCfg``, ``JTTCfg``, ``AugmentCfg``: the method sections, from their modules."""
+    classes = _method_section_classes() if name.endswith("Cfg") else {}
+    if name in classes:
+        return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -331,10 +275,11 @@ class Recipe:
     concepts: ConceptsCfg = field(default_factory=ConceptsCfg)
     explain: ExplainCfg = field(default_factory=ExplainCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
-    concept: ConceptPenaltyCfg = field(default_factory=ConceptPenaltyCfg)
-    groupdro: GroupDROCfg = field(default_factory=GroupDROCfg)
-    jtt: JTTCfg = field(default_factory=JTTCfg)
-    augment: AugmentCfg = field(default_factory=AugmentCfg)
+    # the methods' sections: each dataclass is defined in its method's module (debias/methods/<name>.py)
+    concept: ConceptPenaltyCfg = _method_section("concept")
+    groupdro: GroupDROCfg = _method_section("groupdro")
+    jtt: JTTCfg = _method_section("jtt")
+    augment: AugmentCfg = _method_section("augment")
     selection: SelectionCfg = field(default_factory=SelectionCfg)
 
     def to_dict(self) -> dict[str, Any]:
@@ -413,11 +358,17 @@ def _check_meta(key: str, value: Any, meta: typing.Mapping) -> None:
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns=_method_section_classes() if cls is Recipe else None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    retired = getattr(cls, "RETIRED", {})
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
+        if key not in fields and key in retired:  # a removed key: only at the value every run now trains with
+            if value != retired[key]:
+                raise RecipeError(f"{full} = {value!r}: this key was removed from the recipe; only "
+                                  f"{_toml_value(retired[key])} (what every run now does) is accepted")
+            continue
         if key not in fields:
             raise RecipeError(f"unknown recipe key {full!r}{did_you_mean(key, fields)}; "
                               f"valid keys here: {sorted(fields)}")
@@ -476,44 +427,21 @@ def _validate_cross(recipe: Recipe) -> None:
         if stage not in ("layer1", "layer2", "layer3", "layer4"):
             raise RecipeError(f"graft.stages = {recipe.graft.stages!r}: {stage!r} is not a CLIP stage; expected "
                               f"some of ['layer1', 'layer2', 'layer3', 'layer4']{did_you_mean(stage, ['layer1', 'layer2', 'layer3', 'layer4'])}")
-    k = recipe.concept
-    if k.joint_decay >= 1.0:
-        raise RecipeError(f"concept.joint_decay = {k.joint_decay!r}: expected a value in [0, 1) (1 would never let the "
-                          "running estimate move from the first batch)")
-    if k.stream_loss_rows and not 2 <= k.stream_loss_rows <= k.unlabeled_batch_size:
-        raise RecipeError(f"concept.stream_loss_rows = {k.stream_loss_rows!r}: expected 0 (every row) or 2 to "
-                          f"concept.unlabeled_batch_size = {k.unlabeled_batch_size} rows of each stream batch")
-    if k.adversary_memory and k.adversary_weight == 0:
-        raise RecipeError(f"concept.adversary_memory = {k.adversary_memory!r} needs the adversary: set "
-                          "concept.adversary_weight > 0, or concept.adversary_memory = 0")
-    if k.joint_decay > 0 and k.dependence != "mi":
-        raise RecipeError(f"concept.joint_decay = {k.joint_decay!r} applies to concept.dependence = 'mi' only, "
-                          f"not {k.dependence!r}; set concept.joint_decay = 0")
-    from .train.methods import AUGMENTATIONS, METHODS
+    from .methods import validate as validate_methods
 
-    if recipe.train.method not in METHODS:
-        raise RecipeError(f"train.method = {recipe.train.method!r}: expected one of {sorted(METHODS)}"
-                          f"{did_you_mean(recipe.train.method, METHODS)}")
-    for t in recipe.augment.transforms:
-        if t not in AUGMENTATIONS:
-            raise RecipeError(f"augment.transforms = {recipe.augment.transforms!r}: {t!r} is not one of "
-                              f"{sorted(AUGMENTATIONS)}{did_you_mean(t, AUGMENTATIONS)}")
+    validate_methods(recipe)  # train.method, and each method's checks of its own section
     if not recipe.graft.stages:
         raise RecipeError("graft.stages = []: expected at least one CLIP stage")
     if len(set(recipe.graft.stages)) != len(recipe.graft.stages):
         raise RecipeError(f"graft.stages = {recipe.graft.stages!r}: expected distinct stages")
-    t = recipe.train
-    if t.method == "jtt" and recipe.jtt.variant == "continue" and recipe.jtt.first_epochs >= t.epochs:
-        raise RecipeError(f"jtt.first_epochs = {recipe.jtt.first_epochs} with train.epochs = {t.epochs} and "
-                          "jtt.variant = 'continue': the upweighted stage would never run (plain ERM); expected "
-                          "jtt.first_epochs < train.epochs")
-    if t.method == "jtt" and recipe.jtt.variant == "retrain" and recipe.jtt.first_epochs > t.epochs:
-        raise RecipeError(f"jtt.first_epochs = {recipe.jtt.first_epochs} with train.epochs = {t.epochs}: the "
-                          "identification model is ERM under train.epochs' learning-rate schedule, which has ended "
-                          "by then; expected jtt.first_epochs <= train.epochs")
-    if t.method == "augment" and not recipe.augment.transforms:
-        raise RecipeError("augment.transforms = [] with train.method = 'augment': no transform (plain ERM); expected "
-                          f"some of {sorted(AUGMENTATIONS)}")
+
+
+def retired_keys() -> dict[str, Any]:
+    """``{"section.key": value}`` for the keys removed from the recipe, each with the value every run now trains
+    with (a section's ``RETIRED``): a saved recipe or ``metrics.json`` holding one at that value is this recipe."""
+    defaults = Recipe()
+    return {f"{f.name}.{key}": value for f in dataclasses.fields(Recipe)
+            for key, value in getattr(type(getattr(defaults, f.name)), "RETIRED", {}).items()}
 
 
 def recipe_differences(run_dir: str | Path, recipe: Recipe) -> list[str]:

@@ -40,13 +40,12 @@ def _metrics_without_timing(path: Path) -> dict:
 
 @pytest.mark.parametrize("method", [
     ["train.method=groupdro"],
-    ["train.method=concept", "concept.unlabeled_batch_size=8", "concept.joint_decay=0.9", "concept.adversary_weight=1",
-     "concept.adversary_memory=2"],
+    ["train.method=concept", "concept.unlabeled_batch_size=8", "concept.joint_decay=0.9", "concept.adversary_weight=1"],
 ], ids=["groupdro", "concept"])
 def test_a_nonfinite_batch_is_skipped_before_any_state_changes(tmp_path, method):
     """One NaN pixel in one training image makes the whole step's loss NaN (BatchNorm's batch statistics spread it).
     The skipped step must leave everything as it was: GroupDRO's group weights, the concept method's running joint
-    and adversary memory, BatchNorm's running statistics, the weights; the later steps train normally, and
+    and adversary, BatchNorm's running statistics, the weights; the later steps train normally, and
     metrics.json counts the one skipped step."""
     recipe = load_recipe(RECIPE, TINY + method + ["train.skip_nonfinite=true", "selection.track_concepts=false"])
     t = Trainer(recipe, tmp_path / "run", progress=False)
@@ -74,7 +73,7 @@ def test_a_nonfinite_batch_is_skipped_before_any_state_changes(tmp_path, method)
     assert set(before) == set(after)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"state changed by the skipped step: {changed[:5]}"
-    assert any(k.startswith("method/") for k in before)  # q, or the joint and the memory, were compared
+    assert any(k.startswith("method/") for k in before)  # q, or the joint and the adversary, were compared
     final = _state(t)
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
     assert all(m["accuracy"] is not None and 0 <= m["accuracy"] <= 1 for m in metrics["splits"].values())

@@ -8,8 +8,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from debias.cli import main
 from debias.compare import _matches, compare_runs, mcnemar_exact
-from debias.train.methods import (METHODS, logit_correlation, mutual_information_of_joint, permute_channels,
-                                  random_grayscale, soft_mutual_information)
+from debias.methods import METHODS
+from debias.methods.augment import permute_channels, random_grayscale
+from debias.methods.concept import mutual_information_of_joint, soft_mutual_information
 
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
         "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t",
@@ -54,26 +55,6 @@ def test_running_joint_surrogate_has_the_gradient_of_the_running_mutual_informat
     value, pmi_b = mutual_information_of_joint(batch_joint)
     assert value == pytest.approx(float(soft_mutual_information(p.detach(), q)), abs=1e-6)
     assert float((p.detach() * (q @ pmi_b.T)).sum(1).mean()) == pytest.approx(float(value), abs=1e-6)
-
-
-def test_logit_correlation_zero_when_independent_one_when_linear_and_does_not_fade_when_saturated():
-    g = torch.Generator().manual_seed(0)
-    shape = torch.randn(512, generator=g)
-    colour = torch.randint(0, 2, (512,), generator=g)
-    q = torch.nn.functional.one_hot(colour, 2).float()
-    independent = torch.stack([-shape, shape], 1)
-    assert logit_correlation(independent, q) < 0.01
-    assert abs(logit_correlation(torch.stack([-colour.float(), colour.float()], 1) * 3, q) - 1) < 1e-4
-    assert logit_correlation(torch.zeros(8, 2), q[:8]) == 0  # a constant prediction: no dependence
-    # a confident shape term hides a colour term from the probabilities, not from the logits
-    def logits(colour_term: float) -> torch.Tensor:
-        margin = 20 * torch.sign(shape) + colour_term * (colour.float() - 0.5)
-        return torch.stack([-margin, margin], 1) / 2
-
-    mi_without, mi_with = (soft_mutual_information(logits(t).softmax(-1), q) for t in (0.0, 4.0))
-    assert abs(mi_with - mi_without) < 1e-6  # the probabilities do not see the colour term
-    corr_without, corr_with = (logit_correlation(logits(t), q) for t in (0.0, 4.0))
-    assert corr_with > 5 * corr_without
 
 
 def test_groupdro_weights_move_toward_worst_group(tmp_path):
@@ -189,7 +170,8 @@ def test_compare_json_matches_runs(tmp_path):
 def test_compare_never_averages_runs_trained_differently(tmp_path):
     """Runs of one method that differ in a recipe value other than the seed are separate groups, the value named,
     ordered by the value's number (8 before 32, which plain string order reverses). A run written before a recipe key
-    existed (its recipe lacks the key) groups with runs holding the key's default."""
+    existed (its recipe lacks the key) groups with runs holding the key's default, and so does a run holding a removed
+    key at the value every run now has."""
     runs = []
     for seed, batch in ((0, 32), (1, 32), (0, 8)):
         out = tmp_path / f"erm{seed}_b{batch}"
@@ -197,7 +179,8 @@ def test_compare_never_averages_runs_trained_differently(tmp_path):
                      "--set", *TINY, f"seed={seed}", "train.epochs=1", f"train.batch_size={batch}"]) == 0
         runs.append(out)
     older = json.loads((runs[1] / "metrics.json").read_text())
-    assert older["recipe"]["concept"].pop("adversary_memory") == 0  # as written before that key was added
+    assert older["recipe"]["concept"].pop("pseudo_label_threshold") == 0.95  # as written before that key was added
+    older["recipe"]["concept"]["adversary_memory"] = 0  # a key removed since, at the value every run now has
     (runs[1] / "metrics.json").write_text(json.dumps(older))
     result = compare_runs(runs, tmp_path / "cmp")
     b8, b32 = "bias=1.0,train.batch_size=8", "bias=1.0,train.batch_size=32"
@@ -307,9 +290,9 @@ def test_compare_goal_and_reference_fail_cleanly(tmp_path, capsys):
         assert not (cmp / "compare.json").exists()
 
 
-def test_graft_read_once_per_matching_and_per_step(tmp_path):
-    """``graft_read = 'match'``: the stream is read through the graft once per matching and the predictions are
-    what the graft says for the model of that moment; ``step`` reads every batch live. Both train."""
+def test_graft_read_once_per_matching(tmp_path):
+    """The stream is read through the graft once per matching and the predictions are what the graft says for the
+    model of that moment; they are method state."""
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer
 
@@ -331,9 +314,6 @@ def test_graft_read_once_per_matching_and_per_step(tmp_path):
     restored = Trainer(recipe, tmp_path / "restored", progress=False).method
     restored.load_state_dict(t.method.state_dict())
     assert torch.equal(restored.graft_q, q) and restored.graft_q_epoch == 0
-    out = tmp_path / "step"
-    assert main(["train", "recipes/colored_digits.toml", "--method", "concept", "--out", str(out), "--no-progress",
-                 "--set", *TINY, "concept.graft_read=step"]) == 0
 
 
 def test_rematch_schedule_holds_the_penalty_graft_while_the_tracking_rematches(tmp_path):
@@ -346,7 +326,7 @@ def test_rematch_schedule_holds_the_penalty_graft_while_the_tracking_rematches(t
 
     def trainer(every: int, name: str) -> Trainer:
         recipe = load_recipe("recipes/colored_digits.toml", TINY + [
-            "train.method=concept", f"concept.rematch_every={every}", "concept.graft_read=step",
+            "train.method=concept", f"concept.rematch_every={every}",
             "selection.track_concepts=true"])
         return Trainer(recipe, tmp_path / name, progress=False)
 
@@ -393,67 +373,6 @@ def test_a_trailing_batch_of_one_image_is_skipped(tmp_path):
         assert t.steps_per_epoch == len(batches) == 1 and len(batches[0][1]) == n - 1
         images, labels, attrs = batches[0]
         assert t.train_step({"images": images, "labels": labels, "attrs": attrs})["loss"] > 0
-
-
-def test_logit_correlation_dependence_is_what_the_concept_method_penalises(tmp_path):
-    from debias.recipe import load_recipe
-    from debias.train.loop import Trainer
-
-    recipe = load_recipe("recipes/colored_digits.toml", TINY + MI_ALONE + [
-        "train.method=concept", "concept.source=labels", "concept.dependence=logit_corr"])
-    t = Trainer(recipe, tmp_path, progress=False)
-    split = t.bundle.splits["train"]
-    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
-    drawn, draw = [], t.next_unlabeled
-    t.next_unlabeled = lambda: drawn.append(draw()) or drawn[-1]  # record the stream batch the step draws
-    terms = t.method.loss_terms(batch, 0)
-    (images_u, index_u), = drawn
-    with torch.no_grad():
-        logits = t.model(torch.cat([batch["images"], images_u]))[16:]
-    q = t.method._cache_q()[index_u]
-    penalty = float(terms["penalty"].detach())
-    assert penalty == pytest.approx(float(logit_correlation(logits, q)), rel=1e-4)
-    assert penalty != pytest.approx(float(soft_mutual_information(logits.softmax(-1), q)), rel=1e-2)
-    assert float(terms["loss"].detach()) == pytest.approx(float((terms["nll"] + terms["penalty"]).detach()), rel=1e-5)
-
-
-def test_stream_loss_rows_keeps_the_losses_to_the_first_rows_and_the_statistics_to_all(tmp_path):
-    """``concept.stream_loss_rows = 3`` of a stream batch of 8: the penalty, self-training and adversary read the
-    first 3 stream rows of the very forward that normalised all 8 (BatchNorm's batch statistics)."""
-    from debias.recipe import load_recipe
-    from debias.train.loop import Trainer
-
-    recipe = load_recipe("recipes/colored_digits.toml", TINY + [
-        "train.method=concept", "concept.source=labels", "concept.stream_loss_rows=3", "concept.adversary_weight=1",
-        "concept.pseudo_label_weight=2", "concept.pseudo_label_start=0", "concept.pseudo_label_threshold=0"])
-    t = Trainer(recipe, tmp_path, progress=False)
-    split = t.bundle.splits["train"]
-    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
-    stream_batch = t.next_unlabeled()
-    t.next_unlabeled = lambda: stream_batch
-    images_u, index_u = stream_batch
-    assert len(images_u) == 8
-    q = t.method._cache_q()[index_u]
-    terms = t.method.loss_terms(batch, 0)
-    read = []  # what the classifier reads, with the statistics of all 16 + 8 images
-    hook = t.net.net.get_classifier().register_forward_pre_hook(lambda module, args: read.append(args[0]))
-    with torch.no_grad():
-        logits = t.model(torch.cat([batch["images"], images_u]))[16:]
-    hook.remove()
-    first = logits[:3]
-    assert float(terms["penalty"].detach()) == pytest.approx(
-        float(soft_mutual_information(first.softmax(-1), q[:3])), rel=1e-4)
-    assert float(terms["penalty"].detach()) != pytest.approx(
-        float(soft_mutual_information(logits.softmax(-1), q)), rel=1e-2)
-    assert float(terms["pseudo_label_kept"]) == 3
-    assert float(terms["pseudo_label"].detach()) == pytest.approx(
-        float(F.cross_entropy(first, first.argmax(1))), rel=1e-4)
-    guess = t.method.adversary(read[0][16:19])
-    assert float(terms["adversary"].detach()) == pytest.approx(
-        float(-(q[:3] * guess.log_softmax(-1)).sum(1).mean().detach()), rel=1e-5)
-    with torch.no_grad():  # normalised with only those 3 stream rows, the logits differ: the others did count
-        alone = t.model(torch.cat([batch["images"], images_u[:3]]))[16:]
-    assert not torch.allclose(alone, first, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["erm", "groupdro"])
@@ -530,59 +449,6 @@ def test_adversary_learns_the_concept_and_its_gradient_reaches_the_features_reve
     assert not all(torch.equal(p.cpu(), saved[k]) for k, p in fresh.method.adversary.state_dict().items())
     fresh.method.load_state_dict(t.method.state_dict())
     assert all(torch.equal(p.cpu(), saved[k]) for k, p in fresh.method.adversary.state_dict().items())
-
-
-def test_adversary_memory_trains_the_adversary_on_past_batches_and_leaves_the_cnn_gradient_alone(tmp_path):
-    """``concept.adversary_memory = 2``: the adversary's loss averages this stream batch's rows with the detached
-    features and concept predictions kept from the last two batches; the CNN still receives -weight times the
-    gradient of this batch's rows' mean loss; the memory is method state (saved and restored)."""
-    from debias.recipe import load_recipe
-    from debias.train.loop import Trainer
-
-    recipe = load_recipe("recipes/colored_digits.toml", TINY + ["train.method=concept", "concept.source=labels",
-                                                                 "concept.adversary_weight=2", "concept.weight=0.5",
-                                                                 "concept.adversary_memory=2"])
-    t = Trainer(recipe, tmp_path, progress=False)
-    method, adversary = t.method, t.method.adversary
-    split = t.bundle.splits["train"]
-    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
-    for filled in (1, 2, 2):  # the memory grows to two batches, then keeps the latest two
-        method.loss_terms(batch, 0)
-        method.commit()  # what the trainer does once the loss is finite
-        assert len(method.adversary_memory) == filled
-    past = list(method.adversary_memory)
-    stream_batch = t.next_unlabeled()
-    t.next_unlabeled = lambda: stream_batch
-    images_u, index_u = stream_batch
-    q = method._cache_q()[index_u]
-    terms = method.loss_terms(batch, 0)
-    method.commit()
-    assert [f for f, _ in method.adversary_memory[:1]] == [past[1][0]]  # the oldest left, this batch came in
-    read = []  # the features of this batch, with the step's batch statistics
-    hook = t.net.net.get_classifier().register_forward_pre_hook(lambda module, args: read.append(args[0]))
-    t.model(torch.cat([batch["images"], images_u]), taps=True)
-    hook.remove()
-    features = read[0][16:]
-    assert torch.allclose(method.adversary_memory[-1][0], features.float(), atol=1e-6)
-    ce = [-(qq * adversary(f).log_softmax(-1)).sum(1) for f, qq in [*past, (features, q)]]
-    everything = torch.cat(ce).mean()  # what the adversary minimises: 3 batches' rows
-    assert float(terms["adversary"].detach()) == pytest.approx(float(everything.detach()), rel=1e-5)
-    cnn, own = list(t.net.parameters()), list(adversary.parameters())
-    got = torch.autograd.grad(terms["adversary"], cnn + own, retain_graph=True, allow_unused=True)
-    on_cnn = torch.autograd.grad(ce[-1].mean(), cnn, retain_graph=True, allow_unused=True)  # this batch's rows
-    on_own = torch.autograd.grad(everything, own)
-    reached = [i for i, g in enumerate(on_cnn) if g is not None and g.abs().max() > 0]
-    assert len(reached) > len(cnn) // 2
-    for i in reached:  # reversed, times the weight, as without a memory (the rows' scale in and out: rounding)
-        assert torch.allclose(got[i], -2 * on_cnn[i], rtol=1e-4, atol=1e-5 * float(on_cnn[i].abs().max()))
-    for g, want in zip(got[len(cnn):], on_own):
-        assert torch.allclose(g, want, rtol=1e-4, atol=1e-7)
-    fresh = Trainer(recipe, tmp_path / "fresh", progress=False)
-    assert fresh.method.adversary_memory == []
-    fresh.method.load_state_dict(method.state_dict())
-    assert len(fresh.method.adversary_memory) == 2
-    for (f1, q1), (f2, q2) in zip(fresh.method.adversary_memory, method.adversary_memory):
-        assert torch.equal(f1, f2) and torch.equal(q1, q2)
 
 
 def test_self_training_on_the_stream_counts_its_confident_predictions_from_its_start(tmp_path):
@@ -700,9 +566,9 @@ def test_core_distillation_targets_the_core_concept_of_each_source(tmp_path, cap
                  "--set", *TINY, "concept.core_weight=1", "concepts.core=[]"]) == 2
     err = capsys.readouterr().err
     assert "concept.core_weight" in err and "concepts.core" in err and not out.exists()
-    out = tmp_path / "step"  # the per-step graft read gives the core prediction too; trains end to end, logs it
+    out = tmp_path / "trained"  # the core prediction read through the graft trains end to end, and is logged
     assert main(["train", "recipes/colored_digits.toml", "--method", "concept", "--out", str(out), "--no-progress",
-                 "--set", *TINY, "concept.core_weight=1", "concept.graft_read=step", "train.epochs=1"]) == 0
+                 "--set", *TINY, "concept.core_weight=1", "train.epochs=1"]) == 0
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     logged = [e.value for e in events.Scalars("train/core")]

@@ -105,3 +105,46 @@ def test_cli_bad_recipe_exit_2_and_nothing_written(tmp_path, capsys):
 def test_recipe_from_dict_defaults():
     r = recipe_from_dict({})
     assert r.data.classes == [5, 8] and r.data.colors == ["red", "green"] and r.data.bias == 1.0
+
+
+def test_recipe_module_imports_no_torch():
+    """``debias.recipe`` imports no torch or timm: the methods' sections come from their modules (through the
+    registry in ``debias.methods``) only when a recipe is built."""
+    import subprocess
+    import sys
+
+    code = ("import debias.recipe, debias.methods, sys; "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_method_sections_keep_their_keys_and_every_method_is_registered():
+    """The methods' sections are defined in their modules and read back into the recipe under the same names; an
+    unknown method names its key."""
+    from debias.methods import METHODS, config_class
+
+    r = load_recipe(DEFAULT, ["concept.weight=2", "jtt.upweight=5", "groupdro.eta=0.1", "augment.grayscale_p=0.5"])
+    assert (r.concept.weight, r.jtt.upweight, r.groupdro.eta, r.augment.grayscale_p) == (2.0, 5.0, 0.1, 0.5)
+    assert {name for name in METHODS if config_class(name) is not None} == {"concept", "groupdro", "jtt", "augment"}
+    assert sorted(METHODS) == ["augment", "concept", "erm", "groupdro", "jtt", "reweight"]
+    with pytest.raises(RecipeError, match=r"train.method = 'jt': expected one of .*did you mean 'jtt'"):
+        load_recipe(DEFAULT, ["train.method=jt"])
+
+
+def test_removed_concept_keys_load_at_the_value_every_run_has_and_refuse_any_other(tmp_path):
+    """A run directory's recipe.toml written while ``[concept]`` still had graft_read, temperature, dependence,
+    adversary_memory and stream_loss_rows loads as the same recipe when they hold the values every run now trains
+    with; another value names the key."""
+    from debias.recipe import recipe_differences, retired_keys
+
+    recipe = load_recipe(DEFAULT)
+    old = recipe_to_toml(recipe).replace("[concept]\n", "[concept]\n" + "".join(
+        f"{key.split('.')[1]} = {value!r}\n".replace("'", '"') for key, value in retired_keys().items()))
+    assert 'graft_read = "match"' in old and "stream_loss_rows = 0" in old
+    (tmp_path / "recipe.toml").write_text(old)
+    assert load_recipe(tmp_path / "recipe.toml") == recipe
+    assert recipe_differences(tmp_path, recipe) == []
+    for override, shown in (("concept.adversary_memory=7", "0"), ('concept.graft_read="step"', '"match"')):
+        with pytest.raises(RecipeError, match=f"this key was removed from the recipe; only {shown}"):
+            load_recipe(DEFAULT, [override])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import timm
 import torch
@@ -107,3 +108,31 @@ def create_timm_model(name: str, num_classes: int, pretrained: bool, checkpoint:
                               f"cannot be downloaded ({type(exc).__name__}); set model.checkpoint to a local "
                               "weights file or put them in the Hugging Face cache (HF_HOME)") from None
         raise DebiasError(f"model {name!r} could not be created from {checkpoint or 'scratch'}: {exc}") from None
+
+
+def load_fitting_weights(model: nn.Module, state: Mapping[str, torch.Tensor], meta: Mapping[str, str],
+                         model_name: str, class_names: list[str], path: str | Path,
+                         require_meta: bool = False) -> None:
+    """Load a checkpoint's weights ``state`` into ``model`` (the recipe's ``model_name`` on ``class_names``), after
+    checking that they fit, with a one-line :class:`DebiasError` naming ``path`` when not: the model name and class
+    list the checkpoint's ``meta`` records (``require_meta``: it must record both), then every key and shape."""
+    recorded = meta.get("model"), meta.get("classes")
+    if require_meta and None in recorded:
+        raise DebiasError(f"{path}: the checkpoint records no model name or class list; expected a checkpoint "
+                          f"of {model_name!r} on classes [{','.join(class_names)}] written by `debias train`")
+    if recorded[0] and recorded[0] != model_name:
+        raise DebiasError(f"{path}: checkpoint is a {recorded[0]!r} model but the recipe's model.name is "
+                          f"{model_name!r}")
+    if recorded[1] and recorded[1] != ",".join(class_names):
+        raise DebiasError(f"{path}: checkpoint was trained on classes [{recorded[1]}] but the recipe has "
+                          f"[{','.join(class_names)}] (data.classes)")
+    own = model.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if bad or missing or unexpected:
+        detail = bad[:3] if bad else [f"missing {missing[:3]}"] if missing else [f"unexpected {unexpected[:3]}"]
+        raise DebiasError(f"{path}: checkpoint does not fit {model_name} with {len(class_names)} classes "
+                          f"({'; '.join(detail)})")
+    model.load_state_dict(state)

@@ -41,11 +41,13 @@ from ..distributed import (Dist, convert_sync_batchnorm, init_distributed, per_p
                            plan_batchnorm)
 from ..errors import DebiasError, TrainingInterrupted, did_you_mean
 from ..evaluate import evaluate_splits
-from ..explain import compute_matching, explain_model, probe_split
+from ..explain import explain_model, probe_split
 from ..models.clip import load_clip
-from ..models.standalone import StandaloneModel
+from ..models.standalone import StandaloneModel, load_fitting_weights
 from ..recipe import Recipe, recipe_to_toml, require_same_recipe
-from .methods import build_method
+from ..methods import build_method, needs_unlabeled
+from ..methods.base import MethodContext
+from ..methods.graft_schedule import GraftSchedule
 from .schedule import warmup_cosine
 
 
@@ -112,7 +114,22 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.train.precision == "fp16"
                                            and self.device.type == "cuda")
         self.concepts = build_concepts(recipe, self.bundle)
-        self.method = build_method(recipe.train.method, self)
+        t = recipe.train
+        n_train = len(self.bundle.splits["train"])
+        # a trailing batch too small to give every process two images is dropped (BatchNorm needs two)
+        self.steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size >= 2 * self.dist.world))
+        self.total_steps = self.steps_per_epoch * t.epochs
+        """Steps of one learning-rate schedule (``train.epochs``)."""
+        self.step = 0
+        self.epoch = 0
+        self.grafts = GraftSchedule(self.net, self._clip, recipe, self.bundle, self.device, self.dist,
+                                    clock=lambda: (self.epoch, self.step))
+        """The matchings of the model to CLIP and their grafts: the tracking's latest, and the concept penalty's."""
+        self.method = build_method(recipe.train.method, MethodContext(
+            recipe=recipe, bundle=self.bundle, model=self.model, net=self.net, device=self.device, dist=self.dist,
+            concepts=self.concepts, clip=self._clip, total_steps=self.total_steps, grafts=self.grafts,
+            next_unlabeled=lambda: self.next_unlabeled(), restart=lambda: self.reset_model_and_optimizer(),
+            clock=lambda: (self.epoch, self.step)))
         for key, split in (("selection.split", recipe.selection.split), ("explain.split", recipe.explain.split)):
             if split not in self.bundle.splits:  # read every epoch / at the end: named now, before training
                 raise DebiasError(f"{key} = {split!r}: not a split of this dataset; expected one of "
@@ -120,26 +137,13 @@ class Trainer:
         if recipe.selection.track_concepts:
             self.concept_split()  # a bad selection.concept_split fails before training
         self.oracle_split()  # likewise selection.oracle_split
-        t = recipe.train
-        n_train = len(self.bundle.splits["train"])
-        # a trailing batch too small to give every process two images is dropped (BatchNorm needs two)
-        self.steps_per_epoch = max(1, n_train // t.batch_size + (n_train % t.batch_size >= 2 * self.dist.world))
-        self.total_steps = self.steps_per_epoch * t.epochs
-        """Steps of one learning-rate schedule (``train.epochs``)."""
         self.total_epochs = t.epochs + self.method.extra_epochs()
         """Epochs the loop runs: ``train.epochs``, plus those a method trains before a restart (JTT's first stage)."""
         self._new_optimizer()
-        self.graft = None
-        self.matching = None
-        self.matching_epoch = -1
-        self.matching_step = -1
-        """The training step the current matching was computed at (a model matched once is not matched again)."""
         self.clip_cache: dict = {}
         """Plain-CLIP embeddings of the splits explained every epoch (CLIP is fixed: computed once)."""
         self._unlabeled_iter = None
         self.best: dict[str, dict[str, Any]] = {}
-        self.step = 0
-        self.epoch = 0
         self.batch_in_epoch = 0
         self.unlabeled_epoch = 0
         self.train_s = 0.0
@@ -151,6 +155,28 @@ class Trainer:
     @property
     def clip(self):
         return self._clip
+
+    # the latest matching and graft, as the shared schedule holds them
+    @property
+    def matching(self):
+        return self.grafts.matching
+
+    @property
+    def graft(self):
+        return self.grafts.graft
+
+    @property
+    def matching_epoch(self) -> int:
+        return self.grafts.epoch
+
+    @property
+    def matching_step(self) -> int:
+        """The training step the latest matching was computed at (a model matched once is not matched again)."""
+        return self.grafts.step
+
+    @matching_step.setter
+    def matching_step(self, step: int) -> None:
+        self.grafts.step = step
 
     def _new_model(self) -> StandaloneModel:
         """The standalone model with its initial weights, on the CPU: drawn again from the random state the first
@@ -174,15 +200,14 @@ class Trainer:
     def reset_model_and_optimizer(self) -> None:
         """Start training over (JTT's second stage): the model gets its initial weights back (the same draw from the
         seed as at the start), with a fresh optimizer, learning-rate schedule and gradient scaler. What belonged to
-        the model trained so far is dropped: its matching and graft, and the selection's picks (the ``best_*``
-        checkpoints), so no model from before the restart can be selected; its history rows stay, marked
-        ``"discarded": true``. The step and epoch counters keep counting (TensorBoard, checkpoints). A method's own
-        parameters are the method's to reset."""
+        the model trained so far is dropped: its matchings and grafts (the penalty's too), and the selection's picks
+        (the ``best_*`` checkpoints), so no model from before the restart can be selected; its history rows stay,
+        marked ``"discarded": true``. The step and epoch counters keep counting (TensorBoard, checkpoints). A
+        method's own parameters are the method's to reset."""
         self.net.load_state_dict(self._new_model().state_dict())  # in place: a DDP wrapper keeps its parameters
         self._new_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.scaler.is_enabled())
-        self.graft = self.matching = None
-        self.matching_epoch = self.matching_step = -1
+        self.grafts.reset()
         for rule in self.best:
             if self.dist.is_main:
                 (self.out / f"best_{rule}.safetensors").unlink(missing_ok=True)
@@ -196,18 +221,9 @@ class Trainer:
         if self.recipe.train.batch_size < world:
             raise DebiasError(f"train.batch_size = {self.recipe.train.batch_size}: the global batch is split across "
                               f"{world} processes; give it at least {world} images")
-        if self.method_needs_unlabeled() and self.recipe.concept.unlabeled_batch_size < world:
+        if needs_unlabeled(self.recipe.train.method) and self.recipe.concept.unlabeled_batch_size < world:
             raise DebiasError(f"concept.unlabeled_batch_size = {self.recipe.concept.unlabeled_batch_size}: the "
                               f"unlabeled batch is split across {world} processes; give it at least {world} images")
-        if self.method_needs_unlabeled() and 0 < self.recipe.concept.stream_loss_rows < world:
-            raise DebiasError(f"concept.stream_loss_rows = {self.recipe.concept.stream_loss_rows}: the unlabeled "
-                              f"batch is split across {world} processes; give at least {world} rows")
-
-    def method_needs_unlabeled(self) -> bool:
-        from .methods import METHODS
-
-        cls = METHODS.get(self.recipe.train.method)
-        return bool(cls is not None and cls.needs_unlabeled)
 
     def _sync_buffers(self) -> None:
         """Broadcast rank 0's buffers (BatchNorm running statistics), so that every process holds the same model.
@@ -251,14 +267,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- graft
     def rematch(self) -> None:
-        """Match the current model to CLIP on the probe images and rebuild the graft."""
-        from ..explain import build_graft
-
-        self.matching = compute_matching(self.net, self.clip, probe_split(self.recipe, self.bundle), self.recipe,
-                                         self.device, progress=False, dist=self.dist)
-        self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
-        self.matching_epoch = self.epoch
-        self.matching_step = self.step
+        """Match the current model to CLIP on the probe images and rebuild the latest graft."""
+        self.grafts.rematch()
 
     def concept_split(self) -> Split:
         name = self.recipe.selection.concept_split
@@ -294,9 +304,8 @@ class Trainer:
             row["oracle_split"], row["oracle_accuracy"] = oracle, figures[oracle]["accuracy"]
             self.writer.add_scalar(f"oracle/{oracle}_accuracy", row["oracle_accuracy"], self.epoch)
         if sel.track_concepts:
-            if self.matching_epoch != self.epoch:
-                self.rematch()
-            ex = explain_model(self.net, self.clip, self.matching, self.recipe, self.concept_split(), self.concepts,
+            matching = self.grafts.current()  # the matching of this epoch's model
+            ex = explain_model(self.net, self.clip, matching, self.recipe, self.concept_split(), self.concepts,
                                self.device, progress=False, control_draws=0, dist=self.dist,
                                limit=sel.concept_images, clip_cache=self.clip_cache)
             core = [v for k, v in ex["scores"].items() if ex["roles"][k] == "core"]
@@ -528,9 +537,7 @@ class Trainer:
         if split_name not in self.bundle.splits:
             raise DebiasError(f"explain.split = {split_name!r}: not a split of this dataset; "
                               f"splits: {sorted(self.bundle.splits)}")
-        if self.matching_epoch != self.epoch or self.matching is None:
-            self.rematch()
-        matching = self.matching
+        matching = self.grafts.current()
         if self.dist.is_main:
             io.save_tensors(self.out / "matching.safetensors", matching.state_dict())
         return explain_model(self.net, self.clip, matching, r, self.bundle.splits[split_name], self.concepts,
@@ -589,9 +596,7 @@ class Trainer:
             # this process's CUDA generator (augmentations and dropout draw there); absent on the CPU
             **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             "rng_python_json": json.dumps(_python_state()),
-            "matching": self.matching.state_dict() if self.matching is not None else {},
-            "matching_epoch": self.matching_epoch,
-            "matching_step": self.matching_step,
+            **self.grafts.state_dict(),  # matching, matching_epoch, matching_step
             # the stream's position at the start of the epoch the checkpoint resumes in: skipped batches replay it
             "unlabeled_round": (getattr(self, "_unlabeled_round", 0) if self.batch_in_epoch == 0
                                 else self._round_at_epoch_start),
@@ -603,31 +608,15 @@ class Trainer:
                                   "classes": ",".join(self.bundle.class_names), "epoch": str(self.epoch)})
 
     def load_checkpoint(self) -> None:
-        from ..explain import build_graft
-        from ..surgery.matching import Matching
-
         path = self.out / CHECKPOINT
         state = io.load_state(path)
-        meta = state.get("meta", {})
-        if meta.get("model") != self.recipe.model.name or meta.get("classes") != ",".join(self.bundle.class_names):
-            raise DebiasError(f"{path}: checkpoint of model {meta.get('model')!r} on classes [{meta.get('classes')}] "
-                              f"does not fit the recipe's {self.recipe.model.name!r} on "
-                              f"[{','.join(self.bundle.class_names)}]")
-        try:
-            self.net.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise DebiasError(f"{path}: weights do not fit {self.recipe.model.name}: "
-                              f"{str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else exc}") from None
+        load_fitting_weights(self.net, state["model"], state.get("meta", {}), self.recipe.model.name,
+                             self.bundle.class_names, path, require_meta=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if state["matching"]:  # before the method's state, which may share this graft
-            self.matching = Matching.from_state_dict(state["matching"], self.net.tap_names,
-                                                     self.recipe.matching.selection)
-            self.matching_epoch = int(state["matching_epoch"])
-            self.matching_step = int(state.get("matching_step", -1))
-            self.graft = build_graft(self.clip, self.matching, self.recipe).to(self.device)
+        self.grafts.load_state_dict(state)  # before the method's state, which may share this graft
         self.method.load_state_dict(state["method"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         # the training split (re-drawn each epoch) as the stopped run held it: the current epoch's draw mid-epoch,

@@ -1,0 +1,338 @@
+"""``concept``: the task loss plus the soft mutual information between the CNN's class prediction and the spurious
+concept's caption prediction on the unlabeled stream (the project's method), with its optional terms: an adversary
+on the features, self-training and core-concept distillation on the stream."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DebiasError, RecipeError
+from ..recipe_fields import _choices, _range
+from .base import Method, MethodContext
+
+if TYPE_CHECKING:
+    from ..concepts import ConceptSet
+    from ..recipe import Recipe
+
+
+@dataclass
+class ConceptPenaltyCfg:
+    """The ``concept`` method: task loss + weight * soft mutual information between the CNN's prediction and the
+    spurious concept's caption prediction, on the unlabeled stream. With ``source = 'graft'`` the whole stream is
+    read through the graft once per (re-)matching, with the model of that moment, and those predictions are kept
+    until the next matching."""
+
+    RETIRED: ClassVar[dict[str, Any]] = {"graft_read": "match", "temperature": 1.0, "dependence": "mi",
+                                          "adversary_memory": 0, "stream_loss_rows": 0}
+    """Keys this section no longer has, with the value every run now trains with: a recipe holding one at that
+    value (a run directory's ``recipe.toml`` from before) loads without it; any other value is refused."""
+
+    weight: float = field(default=1.0, metadata=_range(0.0, None))
+    """Weight of the MI penalty in the loss (0: the other terms alone)."""
+    source: str = field(default="graft", metadata=_choices("graft", "clip", "labels"))
+    """Where the spurious concept's prediction comes from: the grafted CLIP (default), plain CLIP on the raw
+    image, or the true attribute (an oracle, for ablation)."""
+    unlabeled_batch_size: int = field(default=16, metadata=_range(2, None))
+    """Stream images a step (the global batch on several processes), in the same forward as the training batch."""
+    rematch_every: int = field(default=1, metadata=_range(0, None))
+    """With ``source = 'graft'``: match the model to CLIP again for the penalty's graft every N epochs (0 = only
+    once, before training). The per-epoch tracking (``selection.track_concepts``) matches every epoch for its own
+    read-out whatever N is; the penalty shares that matching on its due epochs and keeps its older graft between."""
+    adversary_weight: float = field(default=0.0, metadata=_range(0.0, None))
+    """An adversary on the features, added to the MI penalty: a small network trained alongside learns to
+    predict the concept from the features the CNN's classifier reads (timm's pre-logits: the pooled last stage for
+    a resnet) on the stream, and the CNN receives that loss's gradient reversed and times this weight (it is pushed
+    to carry no concept information there). 0 = off; with ``weight = 0`` the adversary alone."""
+    adversary_hidden: int = field(default=64, metadata=_range(1, None))
+    """Width of the adversary's hidden layer."""
+    joint_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    """0 estimates the joint distribution of class and concept predictions on each stream batch alone; d > 0 keeps
+    a running estimate ``d * previous + (1 - d) * batch`` (less sampling noise than one small batch; d = 0.9 spans
+    about ten batches)."""
+    pseudo_label_weight: float = field(default=0.0, metadata=_range(0.0, None))
+    """Self-training on the stream: weight of the cross-entropy of each stream image's class logits against the
+    model's own detached prediction, for the images predicted with at least ``pseudo_label_threshold``
+    confidence, from ``pseudo_label_start`` (a fraction of the training steps) on. No labels are used. 0 = off."""
+    pseudo_label_threshold: float = field(default=0.95, metadata=_range(0.0, 1.0))
+    """The confidence a stream image's predicted class needs to count in self-training."""
+    pseudo_label_start: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    """When self-training starts, as a fraction of the steps of ``train.epochs``."""
+    core_weight: float = field(default=0.0, metadata=_range(0.0, None))
+    """Distillation of the core concept on the stream: weight of the cross-entropy of each stream image's class
+    logits against the core concept's caption prediction (one caption per class, ``concepts.core``) from the same
+    ``source``: the grafted CLIP reading the CNN (``graft``), plain CLIP on the raw image (``clip``: CLIP as a
+    teacher), or the stream's true classes (``labels``: an oracle, supervised training on the stream; with
+    ``weight = 0`` it measures what labelling the stream would give). 0 = off."""
+
+
+def validate(recipe: "Recipe") -> None:
+    """Checks of the ``[concept]`` section that involve several of its keys (run whatever the method)."""
+    k = recipe.concept
+    if k.joint_decay >= 1.0:
+        raise RecipeError(f"concept.joint_decay = {k.joint_decay!r}: expected a value in [0, 1) (1 would never let the "
+                          "running estimate move from the first batch)")
+
+
+def soft_mutual_information(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mutual information (nats) between two soft predictions over a batch: ``p`` (N, K) and ``q`` (N, C).
+
+    The joint is ``P(y, c) = mean_i p_i(y) q_i(c)``; zero when the two are independent over the batch, and
+    ``H(y)`` when one is a function of the other.
+    """
+    return mutual_information_of_joint(p.T @ q / p.shape[0], eps)[0]
+
+
+def mutual_information_of_joint(joint: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual information of a joint distribution (K, C) and its pointwise mutual information matrix."""
+    marg = joint.sum(1, keepdim=True) @ joint.sum(0, keepdim=True)
+    pmi = (joint + eps).log() - (marg + eps).log()
+    return (joint * pmi).sum(), pmi
+
+
+def confident_self_training(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``logits`` (N, K) against their own detached argmax, averaged over the rows predicted with
+    probability >= ``threshold`` (0 when none is); also returns how many rows counted."""
+    confidence, pseudo = logits.detach().float().softmax(-1).max(1)
+    keep = (confidence >= threshold).float()
+    ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
+    return (ce * keep).sum() / keep.sum().clamp_min(1.0), keep.sum()
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``-scale`` backward (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _ReverseGradient.apply(x, scale)
+
+
+class ConceptPenalty(Method):
+    """Task loss + weight * soft MI between the CNN's class prediction and the spurious concept's caption
+    prediction on the unlabeled stream (images whose spurious attribute varies independently of the label).
+
+    The concept prediction is detached: it is a measurement, not a path for gradients. On biased training
+    batches the spurious score is a function of the label, so the penalty is computed on the stream only.
+    """
+
+    name = "concept"
+    needs_unlabeled = True
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        bundle, cfg = ctx.bundle, ctx.recipe.concept
+        if bundle.unlabeled is None:
+            raise DebiasError("train.method = 'concept' needs an unlabeled stream (images whose spurious attribute "
+                              "varies independently of the label); this recipe has none: set "
+                              "data.split_fractions.unlabeled > 0 (coloured digits: a fraction of the base images; "
+                              "folder datasets: a fraction of the val rows) or, for a folder dataset, map a CSV split "
+                              "value to 'unlabeled' in data.split_values")
+        if cfg.unlabeled_batch_size > len(bundle.unlabeled):  # no full batch could ever be drawn
+            raise DebiasError(f"concept.unlabeled_batch_size = {cfg.unlabeled_batch_size}: the unlabeled stream has "
+                              f"only {len(bundle.unlabeled)} images; give a batch size of at most "
+                              f"{len(bundle.unlabeled)} or a larger stream")
+        if cfg.source == "labels":  # the oracle reads the stream's true attribute (and class, with core_weight)
+            unknown = (bundle.unlabeled.attrs < 0) | ((bundle.unlabeled.labels < 0) & (cfg.core_weight > 0))
+            if bool(unknown.any()):
+                raise DebiasError(f"concept.source = 'labels' (an oracle) reads the unlabeled stream's true values, "
+                                  f"but {int(unknown.sum())} of its {len(unknown)} rows have none in data.metadata; "
+                                  "set concept.source = 'graft' or 'clip'")
+        spurious = [c for c in ctx.concepts if c.role == "spurious"]
+        if not spurious:
+            raise DebiasError("train.method = 'concept' needs a spurious concept: set concepts.spurious")
+        self.concept = spurious[0]
+        self.core: ConceptSet | None = None
+        if cfg.core_weight > 0:
+            core = [c for c in ctx.concepts if c.role == "core" and c.attribute == "label"]
+            if not core:
+                raise DebiasError("concept.core_weight > 0 needs a core concept with one caption per class: set "
+                                  "concepts.core to a concept of the label (coloured digits: 'digit')")
+            self.core = core[0]
+        self.cfg = cfg
+        self.cached_q: torch.Tensor | None = None
+        self.cached_core: torch.Tensor | None = None
+        self.graft_q: torch.Tensor | None = None
+        self.graft_core: torch.Tensor | None = None
+        """With ``core_weight > 0``: the core concept's caption prediction of the stream, read with ``graft_q``."""
+        self.graft_q_epoch = -1
+        """The matching epoch ``graft_q`` was read with."""
+        self.joint: torch.Tensor | None = None
+        """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
+        self.adversary: torch.nn.Module | None = None
+        if cfg.adversary_weight > 0:
+            width = ctx.net.pre_logits_width
+            self.adversary = torch.nn.Sequential(
+                torch.nn.Linear(width, cfg.adversary_hidden), torch.nn.ReLU(),
+                torch.nn.Linear(cfg.adversary_hidden, len(self.concept.captions))).to(ctx.device)
+
+    @property
+    def graft(self):
+        """``source = 'graft'``: the graft the penalty reads (the shared schedule's ``penalty_graft``), rebuilt on
+        ``rematch_every``'s schedule; the per-epoch tracking's latest graft is shared when both are due at once."""
+        return self.ctx.grafts.penalty_graft
+
+    @property
+    def graft_epoch(self) -> int:
+        """The epoch of the matching ``graft`` was built from (-1: none yet)."""
+        return self.ctx.grafts.penalty_epoch
+
+    def _cache_q(self) -> torch.Tensor:
+        """Concept predictions that do not change during training (plain CLIP, or the true attribute); with
+        ``core_weight``, the core concept's (plain CLIP, or the true class) in ``cached_core`` alongside."""
+        if self.cached_q is None:
+            stream = self.ctx.bundle.unlabeled
+            n_values = len(self.concept.captions)
+            if self.cfg.source == "labels":
+                self.cached_q = F.one_hot(stream.attrs.clamp(max=n_values - 1), n_values).float()
+                if self.core is not None:
+                    self.cached_core = F.one_hot(stream.labels, len(self.core.captions)).float()
+            else:
+                self.cached_q, self.cached_core = self._read_stream(self.ctx.clip.encode_image)
+        return self.cached_q
+
+    def _stream_predictions(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole stream's spurious and (with ``core_weight``) core caption predictions, as last read through the
+        graft or cached from plain CLIP or the true values: one place, so neither is read before it is filled."""
+        if self.cfg.source == "graft":
+            return self.graft_q, self.graft_core
+        return self._cache_q(), self.cached_core
+
+    def _softmax(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return (self.ctx.clip.logit_scale * emb.float() @ text.T).softmax(-1)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.cfg.source != "graft":
+            return
+        self.ctx.grafts.refresh_penalty(epoch, self.cfg.rematch_every)
+        if self.graft_q_epoch != self.graft_epoch:
+            self.graft_q, self.graft_core = self._read_stream_through_graft()
+            self.graft_q_epoch = self.graft_epoch
+
+    def _caption_predictions(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The spurious and (with ``core_weight``) core concept's caption predictions of image embeddings."""
+        encode = self.ctx.clip.encode_text
+        core = None if self.core is None else self._softmax(emb, encode(self.core.captions))
+        return self._softmax(emb, encode(self.concept.captions)), core
+
+    @torch.no_grad()
+    def _read_stream(self, encode: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption predictions of the whole unlabeled stream from ``encode`` (images -> CLIP embeddings): the
+        spurious concept's, and the core concept's with ``core_weight`` (else None)."""
+        stream = self.ctx.bundle.unlabeled
+        chunks, core_chunks = [], []
+        for start in range(0, len(stream), 256):
+            q, core = self._caption_predictions(encode(stream.images[start:start + 256].to(self.ctx.device)))
+            chunks.append(q.cpu())
+            if core is not None:
+                core_chunks.append(core.cpu())
+        return torch.cat(chunks), (torch.cat(core_chunks) if core_chunks else None)
+
+    def _read_stream_through_graft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stream's caption predictions through the graft, with the model as it is now (in eval mode)."""
+        net = self.ctx.net
+        training = net.training
+        net.eval()
+        out = self._read_stream(lambda images: self.graft(images, net(images, taps=True)[1]))
+        net.train(training)
+        return out
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [] if self.adversary is None else list(self.adversary.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {} if self.joint is None else {"joint": self.joint.detach().cpu().clone()}
+        if self.adversary is not None:
+            state["adversary"] = {k: v.detach().cpu().clone() for k, v in self.adversary.state_dict().items()}
+        if self.graft_q is not None:
+            state.update(graft_q=self.graft_q.clone(), graft_q_epoch=torch.tensor(self.graft_q_epoch))
+        if self.graft_core is not None:
+            state["graft_core"] = self.graft_core.clone()
+        state.update(self.ctx.grafts.penalty_state_dict())  # the penalty's graft: its epoch, and its own older matching
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "joint" in state:
+            self.joint = state["joint"].clone()
+        if "adversary" in state and self.adversary is not None:
+            self.adversary.load_state_dict(state["adversary"])
+        if "graft_q" in state:
+            self.graft_q = state["graft_q"].clone()
+            self.graft_q_epoch = int(state["graft_q_epoch"])
+        if "graft_core" in state:
+            self.graft_core = state["graft_core"].clone()
+        # the trainer's checkpoint restored the latest matching first: shared, or the penalty's older own
+        self.ctx.grafts.load_penalty_state(state)
+
+    def _with_self_training(self, nll: torch.Tensor, stream_logits: torch.Tensor, step: int
+                            ) -> tuple[torch.Tensor, dict]:
+        """The task loss with the stream self-training term added once it has started, and its logged parts."""
+        cfg = self.cfg
+        if cfg.pseudo_label_weight == 0 or step < cfg.pseudo_label_start * self.ctx.total_steps:
+            return nll, {}
+        pseudo, kept = confident_self_training(stream_logits, cfg.pseudo_label_threshold)
+        return nll + cfg.pseudo_label_weight * pseudo, {"pseudo_label": pseudo, "pseudo_label_kept": kept}
+
+    def _adversary_loss(self, features: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The adversary's cross-entropy against the concept prediction, averaged over this batch's rows; the
+        features get that loss's gradient reversed and times ``adversary_weight`` on their way to the CNN."""
+        # the weight times rows / rows: rounded as the figures in docs/RESULTS.md were
+        scale = self.cfg.adversary_weight * len(features) / len(features)
+        return (-(q * self.adversary(reverse_gradient(features, scale)).log_softmax(-1)).sum(1)).mean()
+
+    def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        ctx = self.ctx
+        images_u, index_u = ctx.next_unlabeled()
+        n = batch["images"].shape[0]
+        x = torch.cat([batch["images"], images_u])
+        if self.cfg.source == "graft" and self.graft is None:  # a checkpoint written before the method kept its own
+            ctx.grafts.share_latest_with_penalty()
+        if self.cfg.source == "graft" and self.graft_q is None:
+            # a checkpoint written before the stream was read (an older version)
+            (self.graft_q, self.graft_core), self.graft_q_epoch = self._read_stream_through_graft(), self.graft_epoch
+        # one forward (DDP's, when distributed); its taps feed the adversary
+        logits, taps = ctx.model(x, taps=True) if self.adversary is not None else (ctx.model(x), None)
+        q_all_stream, core_all_stream = self._stream_predictions()
+        q = q_all_stream[index_u].to(x.device)
+        core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
+        nll = self.task_loss(logits[:n], batch["labels"])
+        # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
+        q_all = ctx.dist.gather_rows(q.float())
+        task, extra = self._with_self_training(nll, logits[n:], step)
+        p_all = ctx.dist.gather_rows(logits[n:].float().softmax(-1))
+        if self.cfg.joint_decay > 0:
+            with torch.no_grad():
+                batch_joint = p_all.detach().T @ q_all / len(q_all)
+                d = self.cfg.joint_decay
+                joint = batch_joint if self.joint is None else d * self.joint.to(x.device) + (1 - d) * batch_joint
+                self.stage(joint=joint)
+                penalty, pmi = mutual_information_of_joint(joint)
+            # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its
+            # expected value and, scaled by 1 / (1 - d) to a per-batch step, its gradient w.r.t. the batch's logits
+            objective = (p_all * (q_all @ pmi.T)).sum(1).mean()
+        else:
+            penalty = objective = soft_mutual_information(p_all, q_all)
+        loss = task + self.cfg.weight * objective
+        if core_q is not None:  # distillation of the core concept's caption prediction on the stream
+            core = F.cross_entropy(logits[n:].float(), core_q.float())  # probabilities as the target
+            loss, extra = loss + self.cfg.core_weight * core, {**extra, "core": core}
+        if self.adversary is not None:  # its own loss on this process's stream rows; the trainer averages its grads
+            features = ctx.net.pre_logits(taps[ctx.net.tap_names[-1]][n:]).float()  # what the head reads
+            adversary = self._adversary_loss(features, q.float())
+            loss, extra = loss + adversary, {**extra, "adversary": adversary}
+        return {"loss": loss, "nll": nll, "penalty": penalty, **extra}
+
+
+Config = ConceptPenaltyCfg
+METHOD = ConceptPenalty
