@@ -143,8 +143,8 @@ class DigitsClip:
 
     ``model`` is an open_clip ``CLIP`` in eval mode with ``requires_grad`` False; ``tokenizer`` is open_clip's
     ``SimpleTokenizer`` (context :data:`CONTEXT_LENGTH`) behind a :class:`VocabularyTokenizer` that refuses words the
-    model never saw (:class:`debias.errors.DebiasError`); images go in as RGB in [0, 1] at ``image_size`` px and are normalised with
-    ``mean``/``std`` (per channel, the training corpus statistics) by :meth:`normalize`.
+    model never saw (:class:`debias.errors.DebiasError`); images go in as RGB in [0, 1] at ``image_size`` px and are
+    normalised with ``mean``/``std`` (per channel, the training corpus statistics) by :meth:`normalize`.
     """
 
     model: nn.Module
