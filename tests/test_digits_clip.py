@@ -1,4 +1,5 @@
-"""The shipped digits CLIP: offline loading, checksum, tokenizer, zero-shot quality, and a tiny training run.
+"""The shipped digits CLIP: offline loading, checksum, tokenizer and its vocabulary guard, zero-shot quality per
+concept on evaluation-pool images, the tool's ``--evaluate`` line, and a tiny training run.
 
 Never modifies the shipped files: tampering happens on a copy in ``tmp_path``.
 """
@@ -6,12 +7,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from debias.errors import DebiasError
 from debias.models import digits_clip as dc
+from debias.models import digits_clip_train as dct
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +74,23 @@ def test_tokenizer_works_offline(shipped: dc.DigitsClip) -> None:
     assert tokens.shape == (2, dc.CONTEXT_LENGTH)
     assert (tokens[:, 0] == 49406).all() and (tokens.argmax(1) > 0).all()  # start and end of text
     assert torch.equal(tokens, dc.get_tokenizer()(["a photo of a red digit.", "a photo of a digit with the value 7."]))
-    captions, _, _ = dc.corpus_captions()
+    captions, _ = dc.corpus_captions()
     assert (shipped.tokenizer(captions) != 0).sum(1).max() < dc.CONTEXT_LENGTH  # no caption is truncated
+    for concept in dc.PROBES:  # every probe is a corpus caption
+        assert set(dc.probe_captions(concept)) <= set(captions), concept
+
+
+@pytest.mark.parametrize("caption, word", [("a photo of a digit on wood.", "wood"),
+                                           ("a photo of a teal digit.", "teal")])
+def test_unknown_word_is_refused(shipped: dc.DigitsClip, caption: str, word: str) -> None:
+    with pytest.raises(DebiasError) as err:
+        shipped.encode_texts(["a photo of a red digit.", caption])
+    msg = str(err.value)
+    assert f"the word {word!r}" in msg and repr(caption) in msg, msg
+    assert "known words:" in msg and "grass" in msg and "square" in msg and "\n" not in msg, msg
+    with pytest.raises(DebiasError, match=word):
+        shipped.tokenizer(caption)  # the tokenizer that ClipModel and concepts use refuses too
+    assert shipped.encode_texts(["a photo of a red five on grass with a small square."]).shape[0] == 1
 
 
 def test_heldout_split_is_fixed_and_disjoint() -> None:
@@ -76,6 +98,30 @@ def test_heldout_split_is_fixed_and_disjoint() -> None:
     assert len(held_in) + len(held_out) == 1797 and 350 <= len(held_out) <= 370
     assert not set(held_in.tolist()) & set(held_out.tolist())
     assert torch.equal(held_out, dc.heldout_split()[1])
+
+
+def test_zero_shot_per_concept_on_evaluation_images(shipped: dc.DigitsClip) -> None:
+    images, attrs = dc.evaluation_images(n=300)
+    assert len(images) == 300 and set(attrs) == {"digit", "color", "background", "marker"}
+    acc = dc.zero_shot(shipped.model, shipped.tokenizer, shipped.mean, shipped.std, images, attrs)
+    assert acc["color"] >= 0.97, acc
+    assert acc["digit"] >= 0.80, acc
+    assert acc["background"] >= 0.90, acc
+    assert acc["marker"] >= 0.80, acc
+
+
+def test_evaluate_tool_prints_one_json_line(tmp_path: Path) -> None:
+    tool = [sys.executable, str(ROOT / "tools" / "train_digits_clip.py"), "--evaluate"]
+    done = subprocess.run(tool, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    zs = json.loads(lines[0])["zero_shot"]
+    assert {"color", "digit", "background", "marker"} <= set(zs)
+    assert all(0 <= v <= 1 for v in zs.values())
+    missing = subprocess.run(tool + ["--out", str(tmp_path / "absent")], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
+    assert missing.returncode == 2 and "absent" in missing.stderr, missing.stderr
 
 
 def test_zero_shot_on_heldout_sample(shipped: dc.DigitsClip) -> None:
@@ -97,6 +143,7 @@ def test_tiny_training_run_decreases_loss_and_reloads(tmp_path: Path) -> None:
         assert (out / name).is_file()
     loaded = dc.load_digits_clip(path=out)
     assert loaded.encode_texts(["a photo of the digit seven."]).shape == (1, dc.DIGITS_CLIP_CFG["embed_dim"])
+    assert set(summary["zero_shot_probes"]) >= {"color", "digit", "background", "marker"}
     assert loaded.encode_images(torch.rand(2, 3, 32, 32)).shape == (2, dc.DIGITS_CLIP_CFG["embed_dim"])
 
 
@@ -106,3 +153,19 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     b = dc.train_digits_clip(tmp_path / "b", **kwargs)
     assert a["losses"] == b["losses"]
     assert a["weights_sha256"] == b["weights_sha256"]
+
+
+def test_corpus_batches_name_subsets_and_positives_follow_them() -> None:
+    corpus = dct.WorldCorpus(dc.CONTEXT_LENGTH, seed=0)
+    images, tokens, attrs, named = corpus.batch(48)
+    assert images.shape == (48, 3, dc.IMAGE_SIZE, dc.IMAGE_SIZE) and tokens.shape == (48, dc.CONTEXT_LENGTH)
+    assert named.any(1).all()  # every caption names something
+    pos = dct.positives(attrs, named)
+    assert pos.diagonal().all()
+    i, j = 0, 1
+    expect = all(bool(attrs[i, a] == attrs[j, a]) or not bool(named[j, a]) for a in range(4))
+    assert bool(pos[i, j]) == expect
+    again = dct.WorldCorpus(dc.CONTEXT_LENGTH, seed=0).batch(48)
+    assert torch.equal(images, again[0]) and torch.equal(tokens, again[1])
+    assert dct.caption_for(5, 0, 1, 1, (True, True, True, True), 0, True) == \
+        "a photo of a red five on grass with a small square."
