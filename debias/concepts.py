@@ -44,7 +44,8 @@ class ConceptSet:
     name: str
     captions: list[str]
     attribute: str
-    """``label`` (the class) or ``attr`` (the spurious attribute); caption ``i`` describes value ``i``."""
+    """``label`` (the class), ``attr`` (the spurious attribute) or the name of one of a split's ``factors`` (a dataset
+    of several attributes); caption ``i`` describes value ``i``."""
     role: str  # "core" | "spurious"
 
 
@@ -60,7 +61,8 @@ def build_concepts(recipe: Recipe, bundle: DatasetBundle) -> list[ConceptSet]:
     for role, names in (("spurious", c.spurious), ("core", c.core)):
         for name in names:
             caps, attribute = defined[name]
-            n_values = len(bundle.class_names) if attribute == "label" else len(bundle.captioned_attr_names)
+            n_values = (len(bundle.class_names) if attribute == "label" else len(bundle.factor_names[attribute])
+                        if attribute in bundle.factor_names else len(bundle.captioned_attr_names))
             if len(caps) != n_values:
                 raise DebiasError(f"concepts.captions.{name}: {len(caps)} captions for {n_values} "
                                   f"{'classes' if attribute == 'label' else 'attribute values'}; expected one each")
@@ -68,8 +70,11 @@ def build_concepts(recipe: Recipe, bundle: DatasetBundle) -> list[ConceptSet]:
     return out
 
 
-def _targets(concept: ConceptSet, labels: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
-    return labels if concept.attribute == "label" else attrs
+def _targets(concept: ConceptSet, labels: torch.Tensor, attrs: torch.Tensor,
+             factors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    if concept.attribute == "label":
+        return labels
+    return (factors or {}).get(concept.attribute, attrs)
 
 
 @torch.no_grad()
@@ -124,13 +129,14 @@ class ConceptReadout:
 
 def read_concepts(graft_emb: torch.Tensor, clip_emb: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor,
                   concepts: list[ConceptSet], text: dict[str, torch.Tensor],
-                  predictions: torch.Tensor) -> ConceptReadout:
-    """``predictions``: the CNN's predicted class per image (labels and attributes serve the accuracies only)."""
+                  predictions: torch.Tensor, factors: dict[str, torch.Tensor] | None = None) -> ConceptReadout:
+    """``predictions``: the CNN's predicted class per image (labels, attributes and ``factors``, each attribute's
+    value per image in a dataset of several, serve the accuracies only)."""
     graft, clip, chance, gains, aligned, clip_aligned = {}, {}, {}, {}, {}, {}
     for c in concepts:
         aligned[c.name] = alignment(predictions, graft_emb, text[c.name])
         clip_aligned[c.name] = alignment(predictions, clip_emb, text[c.name])
-        tgt = _targets(c, labels, attrs)
+        tgt = _targets(c, labels, attrs, factors)
         graft[c.name] = concept_accuracy(graft_emb, text[c.name], tgt)
         clip[c.name] = concept_accuracy(clip_emb, text[c.name], tgt)
         chance[c.name] = 1.0 / len(c.captions)

@@ -160,7 +160,8 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
         clip_cache[key] = c_emb
     n = len(preds)
     labels, attrs = split.labels[:n], split.attrs[:n]
-    readout = read_concepts(g_emb, c_emb, labels, attrs, concepts, text, preds)
+    factors = {k: v[:n] for k, v in split.factors.items()}
+    readout = read_concepts(g_emb, c_emb, labels, attrs, concepts, text, preds, factors)
     scores = readout.scores()
     draws, rep_draws = [], []
     gen = torch.Generator().manual_seed(recipe.seed + 12345)
@@ -169,7 +170,7 @@ def explain_model(model: StandaloneModel, clip: ClipModel, matching: Matching, r
         rand = random_matching(matching, model.tap_channels, gen)
         rg = build_graft(clip, rand, recipe).to(device)
         rg_emb, _, _ = embed(model, rg, clip, split, device, limit=limit, dist=dist, clip_emb=c_emb)
-        r = read_concepts(rg_emb, c_emb, labels, attrs, concepts, text, preds)
+        r = read_concepts(rg_emb, c_emb, labels, attrs, concepts, text, preds, factors)
         draws.append(r.scores())
         rep_draws.append(r.representation())
 

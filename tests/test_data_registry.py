@@ -61,7 +61,7 @@ from debias.data.splits import DatasetBundle, Split, split_seed
 SETTING_KEYS = ("bias",)
 
 
-def validate(cfg):
+def validate(cfg, concepts=None):
     if cfg.image_size > 64:
         raise RecipeError(f"data.image_size = {cfg.image_size}: squares are at most 64 px")
 
@@ -75,7 +75,7 @@ def builtin_concepts(cfg, concepts):
             "side": (["a square on the left.", "a square on the right."], "label")}
 
 
-def load(cfg, seed):
+def load(cfg, seed, concepts=None):
     gen = torch.Generator().manual_seed(split_seed(seed, "squares"))
     splits = {}
     for name in ("train", "val", "test", "shifted"):

@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 
 
 def load_dataset(recipe: Recipe) -> DatasetBundle:
-    """The dataset named by ``data.name``, loaded for the recipe's ``[data]`` section and seed."""
-    return dataset(recipe.data.name).load(recipe.data, recipe.seed)
+    """The dataset named by ``data.name``, loaded for the recipe's ``[data]`` section, seed and ``[concepts]``
+    (which attributes are spurious)."""
+    return dataset(recipe.data.name).load(recipe.data, recipe.seed, recipe.concepts)
 
 
 def __getattr__(name: str) -> Any:

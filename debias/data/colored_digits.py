@@ -36,7 +36,7 @@ SETTING_KEYS = ("bias",)
 """``[data]`` keys that name a run's setting in ``debias compare`` tables (sweeps vary the bias)."""
 
 
-def validate(cfg: DataCfg) -> None:
+def validate(cfg: DataCfg, concepts: ConceptsCfg | None = None) -> None:
     """The ``[data]`` checks of a coloured-digit dataset: two or more distinct digits, two or more distinct palette
     colours, split fractions in [0, 1] with train, val and test above 0 and a sum of at most 1."""
     if len(cfg.classes) < 2:
@@ -82,7 +82,7 @@ def builtin_concepts(cfg: DataCfg, concepts: ConceptsCfg) -> dict[str, tuple[lis
             "digit": ([concepts.digit_template.format(word=DIGIT_WORDS[d], n=d) for d in cfg.classes], "label")}
 
 
-def load(cfg: DataCfg, seed: int) -> DatasetBundle:
+def load(cfg: DataCfg, seed: int, concepts: ConceptsCfg | None = None) -> DatasetBundle:
     """scikit-learn's bundled digits, restricted to ``cfg.classes`` and coloured."""
     gray, digits = load_base_digits(cfg.image_size)
     keep = torch.isin(digits, torch.tensor(cfg.classes))

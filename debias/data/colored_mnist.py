@@ -43,7 +43,7 @@ from .render import SHIFT_SPLITS, SPLIT_MODES, render_lazy, train_attributes
 from .splits import DatasetBundle, Split, split_seed
 
 if TYPE_CHECKING:
-    from ..recipe import DataCfg
+    from ..recipe import ConceptsCfg, DataCfg
 
 __all__ = ["MNIST_FILES", "SETTING_KEYS", "builtin_concepts", "load", "load_mnist_arrays", "missing_inputs",
            "mnist_base_indices", "validate"]
@@ -237,7 +237,7 @@ def _split(name: str, base: torch.Tensor, labels: torch.Tensor, cfg: DataCfg, se
     return LazySplit(name, images, lab, attrs, class_names, attr_names)
 
 
-def load(cfg: DataCfg, seed: int) -> DatasetBundle:
+def load(cfg: DataCfg, seed: int, concepts: ConceptsCfg | None = None) -> DatasetBundle:
     """Coloured MNIST digits ``cfg.classes`` in ``cfg.colors`` at ``cfg.image_size``, split as the module says."""
     arrays = load_mnist_arrays(cfg.root, cfg.download)
     (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]

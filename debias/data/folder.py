@@ -72,7 +72,7 @@ SETTING_KEYS: tuple[str, ...] = ()
 """``[data]`` keys that name a run's setting in ``debias compare`` tables: none (the images fix their own bias)."""
 
 
-def validate(cfg: DataCfg) -> None:
+def validate(cfg: DataCfg, concepts: ConceptsCfg | None = None) -> None:
     """The ``[data]`` checks a folder dataset makes before reading anything: the stream's fraction of val."""
     stream_fraction(cfg)
 
@@ -413,7 +413,7 @@ def unlabeled_stream(val: torch.Tensor, marked: torch.Tensor, fraction: float, s
     return torch.sort(val[order[n:]]).values, val[order[:n]]
 
 
-def load(cfg: DataCfg, seed: int) -> DatasetBundle:
+def load(cfg: DataCfg, seed: int, concepts: ConceptsCfg | None = None) -> DatasetBundle:
     """A folder dataset as a :class:`DatasetBundle`; see the module docstring for splits and values."""
     table = read_metadata(cfg)
     csv_name = str(folder_metadata_path(cfg.root, cfg.metadata))

@@ -5,8 +5,9 @@ Importing this module imports nothing else (no torch): the recipe reads the name
 
 A dataset module provides (see :class:`DatasetModule`):
 
-- ``load(cfg, seed) -> DatasetBundle``: the splits (:mod:`debias.data.splits`);
-- ``validate(cfg)``: the checks of the recipe's ``[data]`` section this dataset needs, raising
+- ``load(cfg, seed, concepts) -> DatasetBundle``: the splits (:mod:`debias.data.splits`); ``concepts`` is the
+  ``[concepts]`` section (which attributes are spurious: a dataset of several attributes reads it);
+- ``validate(cfg, concepts)``: the checks of the recipe's ``[data]`` section this dataset needs, raising
   :class:`~debias.errors.RecipeError` naming the key (called when a recipe is loaded);
 - ``missing_inputs(cfg) -> list[str]``: one message per missing local input (files, folders), looked up without
   loading anything (called by :mod:`debias.preflight` before a run starts);
@@ -33,6 +34,7 @@ DATASETS: dict[str, str] = {
     "colored_digits": "debias.data.colored_digits",
     "colored_mnist": "debias.data.colored_mnist",
     "folder": "debias.data.folder",
+    "world_digits": "debias.data.world_digits",
 }
 """``data.name`` -> the dataset's module."""
 
@@ -42,9 +44,9 @@ class DatasetModule(Protocol):
 
     SETTING_KEYS: tuple[str, ...]
 
-    def load(self, cfg: DataCfg, seed: int) -> DatasetBundle: ...
+    def load(self, cfg: DataCfg, seed: int, concepts: ConceptsCfg | None = None) -> DatasetBundle: ...
 
-    def validate(self, cfg: DataCfg) -> None: ...
+    def validate(self, cfg: DataCfg, concepts: ConceptsCfg | None = None) -> None: ...
 
     def missing_inputs(self, cfg: DataCfg) -> list[str]: ...
 

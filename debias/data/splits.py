@@ -42,6 +42,9 @@ class Split(Dataset):
     epoch: int = -1
     render_plain: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None,
                                                                                                 repr=False)
+    factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Datasets of several attributes (``world_digits``): each attribute's value index per image, by concept name
+    (``{"color": ..., "background": ..., "marker": ...}``); ``attrs`` is then the combination of the spurious ones."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -90,6 +93,8 @@ class DatasetBundle:
     """Images for matching whose attribute varies independently of the label (None: use ``unlabeled``)."""
     shift_splits: tuple[str, ...] = ()
     """Splits whose spurious attribute no longer follows the label (evaluated and reported as shifts)."""
+    factor_names: dict[str, list[str]] = field(default_factory=dict)
+    """Datasets of several attributes: each attribute's value names (index = ``Split.factors[name]``)."""
     uncaptioned_attrs: tuple[str, ...] = ()
     """Attribute values no caption describes, at the end of ``attr_names`` (coloured digits' ``gray``): a spurious
     concept has one caption per other value."""

@@ -194,7 +194,8 @@ class ConceptPenalty(Method):
             stream = self.ctx.bundle.unlabeled
             n_values = len(self.concept.captions)
             if self.cfg.source == "labels":
-                self.cached_q = F.one_hot(stream.attrs.clamp(max=n_values - 1), n_values).float()
+                values = stream.factors.get(self.concept.attribute, stream.attrs)  # the concept's own attribute
+                self.cached_q = F.one_hot(values.clamp(max=n_values - 1), n_values).float()
                 if self.core is not None:
                     self.cached_core = F.one_hot(stream.labels, len(self.core.captions)).float()
             else:
