@@ -37,7 +37,15 @@ class DataCfg:
     """Coloured-digit datasets: the digits to classify (two or more of 0..9); class ``k`` is ``classes[k]``."""
     colors: list[str] = field(default_factory=lambda: ["red", "green"])
     """Coloured-digit datasets: two or more palette colours (red, green, blue, yellow, magenta, cyan, orange,
-    purple); class ``k`` owns colour ``colors[k mod len(colors)]``."""
+    purple); class ``k`` owns colour ``colors[k mod len(colors)]``. ``world_digits``: with ``color`` in
+    ``concepts.spurious``, one per class; otherwise each digit's colour is drawn uniformly from the list."""
+    backgrounds: list[str] = field(default_factory=lambda: ["plain"])
+    """``world_digits``: backgrounds (``plain``, ``grass``, ``brick``, ``gravel``: photographs bundled with
+    scikit-image). With ``background`` in ``concepts.spurious``, one per class (class ``k`` owns ``backgrounds[k]``);
+    otherwise each image's background is drawn uniformly from the list (one value: fixed)."""
+    markers: list[str] = field(default_factory=lambda: ["none"])
+    """``world_digits``: markers in a random corner (``none``, ``square``, ``ring``). With ``marker`` in
+    ``concepts.spurious``, one per class; otherwise each image's marker is drawn uniformly from the list."""
     bias: float = field(default=1.0, metadata=_range(0.0, 1.0))
     """Coloured-digit datasets: the probability that an image of the biased splits (train, val, test) has its class's
     own colour; otherwise one of the other colours, uniformly. 1.0: colour and class always agree. Folder datasets do
@@ -160,6 +168,11 @@ class ConceptsCfg:
     digit_template: str = "a photo of the digit {word}."
     """Coloured-digit datasets: the ``digit`` concept's caption of each ``data.classes`` value (``{word}``: the
     digit's English word, ``{n}``: the digit)."""
+    background_template: str = "a photo of a digit on {background}."
+    """``world_digits``: the ``background`` concept's caption of each ``data.backgrounds`` value (``{background}``)."""
+    marker_template: str = "a photo of a digit with {marker}."
+    """``world_digits``: the ``marker`` concept's caption of each ``data.markers`` value (``{marker}``: ``no
+    marker``, ``a small square``, ``a small ring``)."""
     captions: dict[str, list[str]] = field(default_factory=dict)
     """Explicit captions per concept (one per attribute value, in order); overrides the templates."""
 
@@ -389,7 +402,7 @@ def _validate_cross(recipe: Recipe) -> None:
     """Checks that involve several keys."""
     d = recipe.data
     data = dataset(d.name)
-    data.validate(d)
+    data.validate(d, recipe.concepts)
     c = recipe.concepts
     for name, caps in c.captions.items():
         if not caps:
@@ -401,7 +414,9 @@ def _validate_cross(recipe: Recipe) -> None:
     if not c.spurious and not c.core:
         raise RecipeError("concepts.spurious = [] and concepts.core = []: expected at least one concept to score")
     for key, placeholder, values in (("color_template", "color", {"color": "red"}),
-                                     ("digit_template", "word", {"word": "five", "n": 5})):
+                                     ("digit_template", "word", {"word": "five", "n": 5}),
+                                     ("background_template", "background", {"background": "grass"}),
+                                     ("marker_template", "marker", {"marker": "a small square"})):
         template = getattr(c, key)
         try:
             filled = template.format(**values)

@@ -45,6 +45,11 @@ BACKGROUNDS: tuple[str, ...] = ("plain", "grass", "brick", "gravel")
 """Background names: ``plain`` is black; the others are ``skimage.data`` photographs of the same name."""
 MARKERS: tuple[str, ...] = ("none", "square", "ring")
 """Marker names: no marker, a filled square, a ring (both white, in a random corner)."""
+BACKGROUND_WORDS: dict[str, str] = {"plain": "a plain background", "grass": "grass", "brick": "brick",
+                                    "gravel": "gravel"}
+"""How captions name each background (after ``on``)."""
+MARKER_WORDS: dict[str, str] = {"none": "no marker", "square": "a small square", "ring": "a small ring"}
+"""How captions name each marker (after ``with``)."""
 CORNERS: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
 
 IMAGE_SIZE = 32
@@ -171,6 +176,43 @@ def marker_layers(
     return out, corner
 
 
+def world_layers(background: torch.Tensor, marker: torch.Tensor, gen: torch.Generator, size: int = IMAGE_SIZE
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Background ``(N, 1, S, S)`` and marker alpha ``(N, 1, S, S)`` layers for background and marker indices
+    (:func:`background_crops`, then :func:`marker_layers`, from ``gen``): an image's fixed surroundings, which
+    :func:`compose` puts under and over its digit."""
+    bg = background_crops(background, gen, size)
+    mk, _ = marker_layers(marker, gen, size)
+    return bg, mk
+
+
+def compose(digits: torch.Tensor, color: torch.Tensor, bg: torch.Tensor, mk: torch.Tensor,
+            gen: torch.Generator | None = None, jitter: bool = False) -> torch.Tensor:
+    """RGB ``(N, 3, S, S)`` in [0, 1]: the background, a dark halo around digit and marker, the coloured digit, the
+    marker. ``digits``: grayscale digit layers ``(N, S, S)`` (:func:`digit_layers`); ``color``: index into
+    :data:`COLOR_NAMES` (``len(COLOR_NAMES)`` = white); ``bg``, ``mk``: :func:`world_layers`. With ``jitter``, the
+    digit alone gets a small random affine from ``gen`` (:func:`debias.data.shifts.random_affine`)."""
+    if digits.dim() != 3 or digits.shape[1] != digits.shape[2]:
+        raise ValueError(f"digits of shape {tuple(digits.shape)}; expected (N, S, S) digit layers")
+    n, size = digits.shape[0], digits.shape[-1]
+    if color.shape != (n,):
+        raise ValueError(f"color of shape {tuple(color.shape)}; expected ({n},), one index per image")
+    color = color.long()
+    _check(color, len(COLOR_NAMES) + 1, "color")
+    d = digits.float().unsqueeze(1)
+    if jitter:
+        if gen is None:
+            raise ValueError("jitter needs a generator")
+        d = random_affine(d, gen)
+    rgb = torch.tensor(list(PALETTE.values()) + [(1.0, 1.0, 1.0)], dtype=torch.float32)[color].view(n, 3, 1, 1)
+    radius = max(1, int(round(HALO_PX * size / IMAGE_SIZE)))
+    halo = F.max_pool2d(torch.maximum(d, mk), 2 * radius + 1, stride=1, padding=radius)
+    img = bg.expand(n, 3, size, size) * (1 - HALO_STRENGTH * halo)
+    img = img * (1 - d) + d * rgb
+    img = img * (1 - mk) + mk * torch.tensor(MARKER_RGB).view(1, 3, 1, 1)
+    return img.clamp_(0, 1)
+
+
 def render(
     digits: torch.Tensor,
     color: torch.Tensor,
@@ -184,8 +226,7 @@ def render(
     ``digits``: grayscale digit layers ``(N, S, S)`` (:func:`digit_layers`); ``color`` (index into
     :data:`COLOR_NAMES`, ``len(COLOR_NAMES)`` = white), ``background`` (into :data:`BACKGROUNDS`) and ``marker``
     (into :data:`MARKERS`): one index per image. ``gen`` draws the background crops, the marker corners and, with
-    ``jitter``, a small random affine of the digit (:func:`debias.data.shifts.random_affine`). Deterministic for a
-    generator state.
+    ``jitter``, a small random affine of the digit. Deterministic for a generator state.
     """
     if digits.dim() != 3 or digits.shape[1] != digits.shape[2]:
         raise ValueError(f"digits of shape {tuple(digits.shape)}; expected (N, S, S) digit layers")
@@ -193,20 +234,8 @@ def render(
     for name, t in (("color", color), ("background", background), ("marker", marker)):
         if t.shape != (n,):
             raise ValueError(f"{name} of shape {tuple(t.shape)}; expected ({n},), one index per image")
-    color = color.long()
-    _check(color, len(COLOR_NAMES) + 1, "color")
-    bg = background_crops(background, gen, size)
-    mk, _ = marker_layers(marker, gen, size)
-    d = digits.float().unsqueeze(1)
-    if jitter:
-        d = random_affine(d, gen)
-    rgb = torch.tensor(list(PALETTE.values()) + [(1.0, 1.0, 1.0)], dtype=torch.float32)[color].view(n, 3, 1, 1)
-    radius = max(1, int(round(HALO_PX * size / IMAGE_SIZE)))
-    halo = F.max_pool2d(torch.maximum(d, mk), 2 * radius + 1, stride=1, padding=radius)
-    img = bg.expand(n, 3, size, size) * (1 - HALO_STRENGTH * halo)
-    img = img * (1 - d) + d * rgb
-    img = img * (1 - mk) + mk * torch.tensor(MARKER_RGB).view(1, 3, 1, 1)
-    return img.clamp_(0, 1)
+    bg, mk = world_layers(background, marker, gen, size)
+    return compose(digits, color, bg, mk, gen, jitter)
 
 
 def _check(index: torch.Tensor, n: int, name: str) -> None:
