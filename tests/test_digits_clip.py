@@ -46,7 +46,7 @@ def test_token_embedding_rebuilt_with_only_corpus_rows(shipped: dc.DigitsClip) -
     weight = shipped.model.token_embedding.weight
     assert weight.shape == (49408, dc.DIGITS_CLIP_CFG["text_cfg"]["width"])
     used = torch.zeros(len(weight), dtype=torch.bool)
-    used[dc.corpus_vocabulary()] = True
+    used[dct.corpus_vocabulary()] = True
     assert weight[~used].abs().sum() == 0
     assert (weight[used].abs().sum(1) > 0).all()
 
@@ -74,7 +74,7 @@ def test_tokenizer_works_offline(shipped: dc.DigitsClip) -> None:
     assert tokens.shape == (2, dc.CONTEXT_LENGTH)
     assert (tokens[:, 0] == 49406).all() and (tokens.argmax(1) > 0).all()  # start and end of text
     assert torch.equal(tokens, dc.get_tokenizer()(["a photo of a red digit.", "a photo of a digit with the value 7."]))
-    captions, _ = dc.corpus_captions()
+    captions, _ = dct.corpus_captions()
     assert (shipped.tokenizer(captions) != 0).sum(1).max() < dc.CONTEXT_LENGTH  # no caption is truncated
     for concept in dc.PROBES:  # every probe is a corpus caption
         assert set(dc.probe_captions(concept)) <= set(captions), concept
@@ -134,7 +134,7 @@ def test_zero_shot_on_heldout_sample(shipped: dc.DigitsClip) -> None:
 
 def test_tiny_training_run_decreases_loss_and_reloads(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    summary = dc.train_digits_clip(out, seed=3, steps=30, batch_size=32, lr=2e-3, warmup=3,
+    summary = dct.train_digits_clip(out, seed=3, steps=30, batch_size=32, lr=2e-3, warmup=3,
                                    evaluate=False, progress=False)
     losses = summary["losses"]
     assert len(losses) == 30
@@ -149,8 +149,8 @@ def test_tiny_training_run_decreases_loss_and_reloads(tmp_path: Path) -> None:
 
 def test_training_is_deterministic(tmp_path: Path) -> None:
     kwargs = dict(seed=5, steps=4, batch_size=16, evaluate=False, progress=False)
-    a = dc.train_digits_clip(tmp_path / "a", **kwargs)
-    b = dc.train_digits_clip(tmp_path / "b", **kwargs)
+    a = dct.train_digits_clip(tmp_path / "a", **kwargs)
+    b = dct.train_digits_clip(tmp_path / "b", **kwargs)
     assert a["losses"] == b["losses"]
     assert a["weights_sha256"] == b["weights_sha256"]
 

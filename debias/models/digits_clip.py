@@ -84,10 +84,9 @@ HELDOUT_FRACTION = EVAL_FRACTION
 
 COLOR_NAMES: tuple[str, ...] = tuple(PALETTE)
 
-BACKGROUND_WORDS: dict[str, str] = {"plain": "a plain background", "grass": "grass", "brick": "brick",
-                                    "gravel": "gravel"}
+BACKGROUND_WORDS = world.BACKGROUND_WORDS
 """How captions name each background of :data:`debias.data.world.BACKGROUNDS` (after ``on``)."""
-MARKER_WORDS: dict[str, str] = {"none": "no marker", "square": "a small square", "ring": "a small ring"}
+MARKER_WORDS = world.MARKER_WORDS
 """How captions name each marker of :data:`debias.data.world.MARKERS` (after ``with``)."""
 
 COLOR_PROBE = "a photo of a {color} digit."
@@ -123,19 +122,6 @@ EVAL_SEED = 7
 """Seed of the fixed attribute draws and background crops of the evaluation images."""
 EVAL_RENDERS_PER_DIGIT = 4
 """Each evaluation-pool digit is rendered this many times (359 x 4 = 1,436 evaluation images)."""
-
-_TRAIN_NAMES = ("train_digits_clip", "corpus_captions", "corpus_vocabulary", "WorldCorpus", "COLOURS_PER_BATCH",
-                "DEFAULT_STEPS", "DEFAULT_BATCH_SIZE", "DEFAULT_LR")
-
-
-def __getattr__(name: str) -> Any:
-    """Training names live in :mod:`debias.models.digits_clip_train`; reachable from here for old callers."""
-    if name in _TRAIN_NAMES:
-        from . import digits_clip_train
-
-        return getattr(digits_clip_train, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass(frozen=True)
 class DigitsClip:
