@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .data.registry import dataset
 from .errors import DebiasError, did_you_mean
+from .models.backbone import is_shipped, shipped_weights
 from .models.hub import (CLIP_HUB, TIMM_FILES, TIMM_HUB, cached_file, find_clip_weights, is_torchscript_archive,
                          torchscript_message)
 from .recipe import Recipe
@@ -26,6 +27,12 @@ from .recipe import Recipe
 
 def _checkpoint_problem(recipe: Recipe) -> str | None:
     path = recipe.model.checkpoint
+    if is_shipped(path):  # a shipped backbone: its architecture and checksum (milliseconds)
+        try:
+            shipped_weights(path, recipe.model.name)
+        except DebiasError as exc:
+            return str(exc)
+        return None
     if path and not Path(path).is_file():
         return (f"model.checkpoint = {path!r}: file not found; give the path of a local weights file "
                 f"(.safetensors, .pth or .bin) for {recipe.model.name}")

@@ -102,7 +102,11 @@ class ModelCfg:
     """Start from timm's pretrained weights, read from the local caches (never downloaded: the preflight names a
     missing file); false trains from random weights."""
     checkpoint: str = ""
-    """A local weights file for the standalone model (timm's ``checkpoint_path``)."""
+    """Weights the standalone model starts from, loaded by timm's pretrained loader (which replaces the classifier
+    when the class count differs): a local weights file (.safetensors, .pth or .bin) for ``name``, or
+    ``digits-world``, the shipped ``resnet10t`` pretrained on the world's renders to predict digit, colour,
+    background and marker (``tools/pretrain_backbone.py``; needs ``name = "resnet10t"``; its SHA-256 is checked on
+    load). Empty: ``pretrained`` decides."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import DebiasError, did_you_mean
+from .backbone import is_shipped, pretrained_overlay, shipped_weights
 
 
 class StandaloneModel(nn.Module):
@@ -86,13 +87,16 @@ class StandaloneModel(nn.Module):
 
 
 def create_timm_model(name: str, num_classes: int, pretrained: bool, checkpoint: str) -> nn.Module:
-    """timm's ``create_model``; a local weights file goes through timm's pretrained loader, which adapts the
+    """timm's ``create_model``; a local weights file, or a shipped backbone named by ``checkpoint``
+    (:mod:`debias.models.backbone`, checksum verified), goes through timm's pretrained loader, which adapts the
     classifier to ``num_classes``. Unknown names list the close ones."""
     if not timm.is_model(name.split(".")[0]) and not timm.is_model(name):
         close = did_you_mean(name, timm.list_models(), n=5)
         raise DebiasError(f"model.name = {name!r}: not a timm model{close}; see timm.list_models()")
     kwargs: dict = {"num_classes": num_classes}
-    if checkpoint:
+    if is_shipped(checkpoint):
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=pretrained_overlay(shipped_weights(checkpoint, name)))
+    elif checkpoint:
         path = Path(checkpoint)
         if not path.is_file():
             raise DebiasError(f"model.checkpoint = {checkpoint!r}: file not found; give the path of a local "
