@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -246,7 +247,7 @@ class VocabularyTokenizer:
         """Raise :class:`DebiasError` if ``caption`` holds a word outside the known vocabulary."""
         if all(t in self.known for t in self.tokenizer.encode(caption)):
             return
-        for word in caption.split():
+        for word in re.findall(r"[\w'-]+|[^\w\s]", caption):  # words and punctuation apart: 'wood', not 'wood.'
             if not all(t in self.known for t in self.tokenizer.encode(word)):
                 raise DebiasError(f"caption {caption!r}: the word {word!r} is unknown to the digits CLIP and would "
                                   f"embed to zero; known words: {' '.join(self.known_words)}")
