@@ -85,7 +85,7 @@ COLOURS_PER_BATCH: tuple[int, ...] = VALUES_PER_BATCH["color"]
 DIGIT_ONLY_BATCHES = 0.25
 """Share of batches in which colour, background and marker are each one value, so the digit is the only signal."""
 
-DEFAULT_STEPS = 2000
+DEFAULT_STEPS = 4000
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 1e-3
 
