@@ -33,8 +33,11 @@ SPLIT_VALUES = {"train": "train", "val": "val", "test": "test", "pool": "unlabel
 RUN = ["model.name=resnet10t", "model.pretrained=false", 'clip.name="digits"', 'clip.pretrained=""',
        "data.image_size=32", "train.epochs=1", "train.batch_size=8", "concept.unlabeled_batch_size=8",
        "matching.num_images=16", "matching.batch_size=16", "explain.control_draws=0", "explain.num_images=16",
-       "selection.concept_images=16"]
-"""Overrides that turn recipes/waterbirds.toml into a run of seconds on the tiny folder below."""
+       "selection.concept_images=16",
+       'concepts.captions.place=["a photo of a digit on grass.", "a photo of a digit on brick."]',
+       'concepts.captions.bird=["a photo of the digit five.", "a photo of the digit eight."]']
+"""Overrides that turn recipes/waterbirds.toml into a run of seconds on the tiny folder below (the digits CLIP
+refuses words it never saw, so the captions are ones it knows)."""
 
 
 @pytest.fixture(scope="module")
