@@ -13,10 +13,10 @@ The file's SHA-256 is checked against ``backbone.safetensors.sha256`` before eve
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ..errors import DebiasError
+from .hub import sha256_of
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "backbone"
 WEIGHTS_FILE = "backbone.safetensors"
@@ -29,15 +29,6 @@ DIGIT_CLASSES = 10
 SHIPPED: dict[str, tuple[str, Path]] = {"digits-world": (ARCH, ASSET_DIR)}
 """``model.checkpoint`` names of shipped backbones -> (timm architecture, asset folder)."""
 REGENERATE_HINT = "regenerate it with `python tools/pretrain_backbone.py` or reinstall debias"
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_checksum(folder: Path) -> str:

@@ -42,7 +42,6 @@ Shipped folder (``debias/models/assets/digits_clip/``)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -58,6 +57,7 @@ from debias.data.base_pool import EVAL_FRACTION, POOL_SEED, base_pools, evaluati
 from debias.data.colors import DIGIT_WORDS, PALETTE, colorize
 from debias.data.digits_base import load_base_digits
 from debias.errors import DebiasError
+from debias.models.hub import sha256_of
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "digits_clip"
 """The shipped model folder (open_clip ``local-dir:`` format)."""
@@ -303,15 +303,6 @@ def create_model(folder: Path, device: str | torch.device = "cpu") -> nn.Module:
         return open_clip.create_model(f"local-dir:{folder}", load_weights=False, device=device)
     finally:
         root.removeFilter(quiet)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_weights(model: nn.Module, vocab: torch.Tensor, folder: Path) -> str:

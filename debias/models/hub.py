@@ -8,6 +8,9 @@ slower).
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from ..errors import DebiasError
 
 TIMM_HUB: dict[str, tuple[str, str | None]] = {
@@ -83,3 +86,12 @@ def torchscript_message(path: str) -> str:
     return (f"clip.pretrained = {path!r}: a TorchScript archive (OpenAI's own CLIP file), which weights-only loading "
             f"refuses; convert it once with `python {CONVERTER} {path} {out}` (it runs the archive's code once) and "
             f"set clip.pretrained = {out!r}")
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
