@@ -48,8 +48,9 @@ class DataCfg:
     ``concepts.spurious``, one per class; otherwise each image's marker is drawn uniformly from the list."""
     bias: float = field(default=1.0, metadata=_range(0.0, 1.0))
     """Coloured-digit datasets: the probability that an image of the biased splits (train, val, test) has its class's
-    own colour; otherwise one of the other colours, uniformly. 1.0: colour and class always agree. Folder datasets do
-    not read it (their images fix their own bias)."""
+    own colour; otherwise one of the other colours, uniformly. 1.0: colour and class always agree. ``world_digits``:
+    the same for each spurious attribute, drawn independently. Folder datasets do not read it (their images fix
+    their own bias)."""
     image_size: int = field(default=32, metadata=_range(8, 1024))
     """Side of the square images in pixels: digits are resized to it, a folder dataset's images resized on their
     shorter side and centre-cropped."""
