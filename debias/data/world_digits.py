@@ -124,10 +124,6 @@ def builtin_concepts(cfg: DataCfg, concepts: ConceptsCfg) -> dict[str, tuple[lis
     return out
 
 
-def _draw(labels: torch.Tensor, n_values: int, mode: str, bias: float, gen: torch.Generator) -> torch.Tensor:
-    return assign_colors(labels, n_values, mode, bias, gen)
-
-
 def draw_attributes(labels: torch.Tensor, cfg: DataCfg, spurious: list[str], split: str, gen: torch.Generator
                     ) -> dict[str, torch.Tensor]:
     """Each attribute's value index (into its ``[data]`` list) for images of class index ``labels`` in ``split``:
@@ -144,7 +140,7 @@ def draw_attributes(labels: torch.Tensor, cfg: DataCfg, spurious: list[str], spl
                 mode = "biased"
             else:  # shifted, the unlabeled stream, any other split
                 mode = "shifted"
-            out[factor] = _draw(labels, n_values, mode, cfg.bias, gen)
+            out[factor] = assign_colors(labels, n_values, mode, cfg.bias, gen)  # any attribute, not colour only
         else:
             out[factor] = torch.randint(0, n_values, (len(labels),), generator=gen)
     return out
