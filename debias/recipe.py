@@ -164,8 +164,8 @@ class ConceptsCfg:
     """Concepts: named caption sets. For coloured digits they follow ``data.classes`` and ``data.colors``."""
 
     spurious: list[str] = field(default_factory=lambda: ["color"])
-    """Concepts the model should not rely on; the first is the ``concept`` method's penalised concept. A concept's
-    captions describe the spurious attribute's values, one each."""
+    """Concepts the model should not rely on; the ``concept`` method penalises each of them, at the same weight. A
+    concept's captions describe the spurious attribute's values, one each."""
     core: list[str] = field(default_factory=lambda: ["digit"])
     """Concepts the model should rely on; their captions describe the classes, one each."""
     color_template: str = "a photo of a {color} digit."

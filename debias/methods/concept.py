@@ -119,11 +119,23 @@ def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class ConceptPenalty(Method):
-    """Task loss + weight * soft MI between the CNN's class prediction and the spurious concept's caption
-    prediction on the unlabeled stream (images whose spurious attribute varies independently of the label).
+    """Task loss + weight * the sum over the spurious concepts of the soft MI between the CNN's class prediction and
+    that concept's caption prediction on the unlabeled stream (images whose spurious attributes vary independently
+    of the label).
 
-    The concept prediction is detached: it is a measurement, not a path for gradients. On biased training
-    batches the spurious score is a function of the label, so the penalty is computed on the stream only.
+    Every spurious concept (``concepts.spurious``, in that order) has its own captions, its own caption predictions
+    of the stream, its own running joint (``joint_decay``) and, with ``adversary_weight``, its own adversary; their
+    MI terms and adversary losses are added, each at the same weight. A sum, not a mean: a concept is penalised as
+    strongly whether or not another one is named beside it, and one concept gives the one-concept loss as it
+    was. Self-training (``pseudo_label_weight``) reads the model's own class predictions, no concept, so it is one
+    term whatever the number of spurious concepts; core distillation (``core_weight``) reads the one core concept.
+
+    With one spurious concept the loss, its terms and the draws of random numbers are those of a one-concept run,
+    and so is the checkpoint state: the first concept's state has the keys ``joint``, ``adversary`` and
+    ``graft_q``; each further concept's adds ``/<concept>`` (``graft_q/background``).
+
+    The concept predictions are detached: they are a measurement, not a path for gradients. On biased training
+    batches a spurious score is a function of the label, so the penalty is computed on the stream only.
     """
 
     name = "concept"
@@ -151,7 +163,10 @@ class ConceptPenalty(Method):
         spurious = [c for c in ctx.concepts if c.role == "spurious"]
         if not spurious:
             raise DebiasError("train.method = 'concept' needs a spurious concept: set concepts.spurious")
+        self.concepts: list[ConceptSet] = spurious
+        """The penalised concepts: every spurious one, in ``concepts.spurious`` order."""
         self.concept = spurious[0]
+        """The first spurious concept (a one-concept run's only one)."""
         self.core: ConceptSet | None = None
         if cfg.core_weight > 0:
             core = [c for c in ctx.concepts if c.role == "core" and c.attribute == "label"]
@@ -160,21 +175,44 @@ class ConceptPenalty(Method):
                                   "concepts.core to a concept of the label (coloured digits: 'digit')")
             self.core = core[0]
         self.cfg = cfg
-        self.cached_q: torch.Tensor | None = None
+        self.cached_qs: list[torch.Tensor] | None = None
+        """``source = 'clip'`` or ``'labels'``: each spurious concept's prediction of the whole stream."""
         self.cached_core: torch.Tensor | None = None
-        self.graft_q: torch.Tensor | None = None
+        self.graft_qs: list[torch.Tensor] | None = None
+        """``source = 'graft'``: each spurious concept's prediction of the whole stream, read through the graft."""
         self.graft_core: torch.Tensor | None = None
-        """With ``core_weight > 0``: the core concept's caption prediction of the stream, read with ``graft_q``."""
+        """With ``core_weight > 0``: the core concept's caption prediction of the stream, read with ``graft_qs``."""
         self.graft_q_epoch = -1
-        """The matching epoch ``graft_q`` was read with."""
-        self.joint: torch.Tensor | None = None
-        """``joint_decay > 0``: the running joint distribution of class and concept predictions on the stream."""
-        self.adversary: torch.nn.Module | None = None
+        """The matching epoch ``graft_qs`` were read with."""
+        self.joints: list[torch.Tensor] | None = None
+        """``joint_decay > 0``: per spurious concept, the running joint distribution of class and concept predictions
+        on the stream."""
+        self.adversaries: list[torch.nn.Module] = []
+        """``adversary_weight > 0``: one adversary per spurious concept, built in ``concepts.spurious`` order."""
         if cfg.adversary_weight > 0:
             width = ctx.net.pre_logits_width
-            self.adversary = torch.nn.Sequential(
+            self.adversaries = [torch.nn.Sequential(
                 torch.nn.Linear(width, cfg.adversary_hidden), torch.nn.ReLU(),
-                torch.nn.Linear(cfg.adversary_hidden, len(self.concept.captions))).to(ctx.device)
+                torch.nn.Linear(cfg.adversary_hidden, len(c.captions))).to(ctx.device) for c in self.concepts]
+
+    @property
+    def adversary(self) -> torch.nn.Module | None:
+        """The first spurious concept's adversary (None: ``adversary_weight = 0``)."""
+        return self.adversaries[0] if self.adversaries else None
+
+    @property
+    def graft_q(self) -> torch.Tensor | None:
+        """The first spurious concept's prediction of the stream through the graft (None: not read yet)."""
+        return None if self.graft_qs is None else self.graft_qs[0]
+
+    @property
+    def joint(self) -> torch.Tensor | None:
+        """The first spurious concept's running joint (None: none yet)."""
+        return None if self.joints is None else self.joints[0]
+
+    def _key(self, key: str, i: int) -> str:
+        """A state key of spurious concept ``i``: the one-concept key for the first, ``key/<concept>`` after."""
+        return key if i == 0 else f"{key}/{self.concepts[i].name}"
 
     @property
     def graft(self):
@@ -187,27 +225,35 @@ class ConceptPenalty(Method):
         """The epoch of the matching ``graft`` was built from (-1: none yet)."""
         return self.ctx.grafts.penalty_epoch
 
-    def _cache_q(self) -> torch.Tensor:
-        """Concept predictions that do not change during training (plain CLIP, or the true attribute); with
-        ``core_weight``, the core concept's (plain CLIP, or the true class) in ``cached_core`` alongside."""
-        if self.cached_q is None:
+    def _cache_qs(self) -> list[torch.Tensor]:
+        """Concept predictions that do not change during training (plain CLIP, or the true attribute), one per
+        spurious concept; with ``core_weight``, the core concept's (plain CLIP, or the true class) in
+        ``cached_core`` alongside."""
+        if self.cached_qs is None:
             stream = self.ctx.bundle.unlabeled
-            n_values = len(self.concept.captions)
             if self.cfg.source == "labels":
-                values = stream.factors.get(self.concept.attribute, stream.attrs)  # the concept's own attribute
-                self.cached_q = F.one_hot(values.clamp(max=n_values - 1), n_values).float()
+                self.cached_qs = []
+                for concept in self.concepts:
+                    n_values = len(concept.captions)
+                    values = stream.factors.get(concept.attribute, stream.attrs)  # the concept's own attribute
+                    self.cached_qs.append(F.one_hot(values.clamp(max=n_values - 1), n_values).float())
                 if self.core is not None:
                     self.cached_core = F.one_hot(stream.labels, len(self.core.captions)).float()
             else:
-                self.cached_q, self.cached_core = self._read_stream(self.ctx.clip.encode_image)
-        return self.cached_q
+                self.cached_qs, self.cached_core = self._read_stream(self.ctx.clip.encode_image)
+        return self.cached_qs
 
-    def _stream_predictions(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The whole stream's spurious and (with ``core_weight``) core caption predictions, as last read through the
-        graft or cached from plain CLIP or the true values: one place, so neither is read before it is filled."""
+    def _cache_q(self) -> torch.Tensor:
+        """The first spurious concept's cached prediction of the stream (see ``_cache_qs``)."""
+        return self._cache_qs()[0]
+
+    def _stream_predictions(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The whole stream's caption predictions of each spurious concept and (with ``core_weight``) of the core
+        concept, as last read through the graft or cached from plain CLIP or the true values: one place, so
+        neither is read before it is filled."""
         if self.cfg.source == "graft":
-            return self.graft_q, self.graft_core
-        return self._cache_q(), self.cached_core
+            return self.graft_qs, self.graft_core
+        return self._cache_qs(), self.cached_core
 
     def _softmax(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return (self.ctx.clip.logit_scale * emb.float() @ text.T).softmax(-1)
@@ -217,30 +263,33 @@ class ConceptPenalty(Method):
             return
         self.ctx.grafts.refresh_penalty(epoch, self.cfg.rematch_every)
         if self.graft_q_epoch != self.graft_epoch:
-            self.graft_q, self.graft_core = self._read_stream_through_graft()
+            self.graft_qs, self.graft_core = self._read_stream_through_graft()
             self.graft_q_epoch = self.graft_epoch
 
-    def _caption_predictions(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The spurious and (with ``core_weight``) core concept's caption predictions of image embeddings."""
+    def _caption_predictions(self, emb: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each spurious concept's and (with ``core_weight``) the core concept's caption predictions of image
+        embeddings."""
         encode = self.ctx.clip.encode_text
         core = None if self.core is None else self._softmax(emb, encode(self.core.captions))
-        return self._softmax(emb, encode(self.concept.captions)), core
+        return [self._softmax(emb, encode(c.captions)) for c in self.concepts], core
 
     @torch.no_grad()
     def _read_stream(self, encode: Callable[[torch.Tensor], torch.Tensor]
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Caption predictions of the whole unlabeled stream from ``encode`` (images -> CLIP embeddings): the
-        spurious concept's, and the core concept's with ``core_weight`` (else None)."""
+                     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Caption predictions of the whole unlabeled stream from ``encode`` (images -> CLIP embeddings, computed
+        once per image): each spurious concept's, and the core concept's with ``core_weight`` (else None)."""
         stream = self.ctx.bundle.unlabeled
-        chunks, core_chunks = [], []
+        chunks: list[list[torch.Tensor]] = [[] for _ in self.concepts]
+        core_chunks = []
         for start in range(0, len(stream), 256):
-            q, core = self._caption_predictions(encode(stream.images[start:start + 256].to(self.ctx.device)))
-            chunks.append(q.cpu())
+            qs, core = self._caption_predictions(encode(stream.images[start:start + 256].to(self.ctx.device)))
+            for own, q in zip(chunks, qs):
+                own.append(q.cpu())
             if core is not None:
                 core_chunks.append(core.cpu())
-        return torch.cat(chunks), (torch.cat(core_chunks) if core_chunks else None)
+        return [torch.cat(c) for c in chunks], (torch.cat(core_chunks) if core_chunks else None)
 
-    def _read_stream_through_graft(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read_stream_through_graft(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The stream's caption predictions through the graft, with the model as it is now (in eval mode)."""
         net = self.ctx.net
         training = net.training
@@ -250,31 +299,47 @@ class ConceptPenalty(Method):
         return out
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [] if self.adversary is None else list(self.adversary.parameters())
+        return [p for adversary in self.adversaries for p in adversary.parameters()]
 
     def state_dict(self) -> dict[str, Any]:
-        state = {} if self.joint is None else {"joint": self.joint.detach().cpu().clone()}
-        if self.adversary is not None:
-            state["adversary"] = {k: v.detach().cpu().clone() for k, v in self.adversary.state_dict().items()}
-        if self.graft_q is not None:
-            state.update(graft_q=self.graft_q.clone(), graft_q_epoch=torch.tensor(self.graft_q_epoch))
+        state: dict[str, Any] = {}
+        for i, joint in enumerate(self.joints or []):
+            state[self._key("joint", i)] = joint.detach().cpu().clone()
+        for i, adversary in enumerate(self.adversaries):
+            state[self._key("adversary", i)] = {k: v.detach().cpu().clone() for k, v in adversary.state_dict().items()}
+        if self.graft_qs is not None:
+            for i, q in enumerate(self.graft_qs):
+                state[self._key("graft_q", i)] = q.clone()
+            state["graft_q_epoch"] = torch.tensor(self.graft_q_epoch)
         if self.graft_core is not None:
             state["graft_core"] = self.graft_core.clone()
         state.update(self.ctx.grafts.penalty_state_dict())  # the penalty's graft: its epoch, and its own older matching
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "joint" in state:
-            self.joint = state["joint"].clone()
-        if "adversary" in state and self.adversary is not None:
-            self.adversary.load_state_dict(state["adversary"])
-        if "graft_q" in state:
-            self.graft_q = state["graft_q"].clone()
+        keys = [[self._key(k, i) for i in range(len(self.concepts))] for k in ("joint", "adversary", "graft_q")]
+        joints, adversaries, graft_qs = ([k in state for k in ks] for ks in keys)
+        if any(joints):
+            self._require_every(state, keys[0])
+            self.joints = [state[k].clone() for k in keys[0]]
+        if any(adversaries) and self.adversaries:
+            self._require_every(state, keys[1])
+            for adversary, k in zip(self.adversaries, keys[1]):
+                adversary.load_state_dict(state[k])
+        if any(graft_qs):
+            self._require_every(state, keys[2])
+            self.graft_qs = [state[k].clone() for k in keys[2]]
             self.graft_q_epoch = int(state["graft_q_epoch"])
         if "graft_core" in state:
             self.graft_core = state["graft_core"].clone()
         # the trainer's checkpoint restored the latest matching first: shared, or the penalty's older own
         self.ctx.grafts.load_penalty_state(state)
+
+    def _require_every(self, state: dict[str, Any], keys: list[str]) -> None:
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise DebiasError(f"the checkpoint's concept state has no {missing[0]!r}: it was written for other "
+                              f"spurious concepts than concepts.spurious = {[c.name for c in self.concepts]!r}")
 
     def _with_self_training(self, nll: torch.Tensor, stream_logits: torch.Tensor, step: int
                             ) -> tuple[torch.Tensor, dict]:
@@ -285,12 +350,28 @@ class ConceptPenalty(Method):
         pseudo, kept = confident_self_training(stream_logits, cfg.pseudo_label_threshold)
         return nll + cfg.pseudo_label_weight * pseudo, {"pseudo_label": pseudo, "pseudo_label_kept": kept}
 
-    def _adversary_loss(self, features: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """The adversary's cross-entropy against the concept prediction, averaged over this batch's rows; the
+    def _adversary_loss(self, adversary: torch.nn.Module, features: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """An adversary's cross-entropy against its concept's prediction, averaged over this batch's rows; the
         features get that loss's gradient reversed and times ``adversary_weight`` on their way to the CNN."""
         # the weight times rows / rows: rounded as the figures in docs/RESULTS.md were
         scale = self.cfg.adversary_weight * len(features) / len(features)
-        return (-(q * self.adversary(reverse_gradient(features, scale)).log_softmax(-1)).sum(1)).mean()
+        return (-(q * adversary(reverse_gradient(features, scale)).log_softmax(-1)).sum(1)).mean()
+
+    def _penalty(self, p_all: torch.Tensor, q_all: torch.Tensor, previous: torch.Tensor | None, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One spurious concept's MI (logged), the objective whose gradient the loss takes, and its new running
+        joint (None without ``joint_decay``)."""
+        if self.cfg.joint_decay > 0:
+            with torch.no_grad():
+                batch_joint = p_all.detach().T @ q_all / len(q_all)
+                d = self.cfg.joint_decay
+                joint = batch_joint if previous is None else d * previous.to(device) + (1 - d) * batch_joint
+                penalty, pmi = mutual_information_of_joint(joint)
+            # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its
+            # expected value and, scaled by 1 / (1 - d) to a per-batch step, its gradient w.r.t. the batch's logits
+            return penalty, (p_all * (q_all @ pmi.T)).sum(1).mean(), joint
+        penalty = soft_mutual_information(p_all, q_all)
+        return penalty, penalty, None
 
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         ctx = self.ctx
@@ -299,38 +380,41 @@ class ConceptPenalty(Method):
         x = torch.cat([batch["images"], images_u])
         if self.cfg.source == "graft" and self.graft is None:  # a checkpoint written before the method kept its own
             ctx.grafts.share_latest_with_penalty()
-        if self.cfg.source == "graft" and self.graft_q is None:
+        if self.cfg.source == "graft" and self.graft_qs is None:
             # a checkpoint written before the stream was read (an older version)
-            (self.graft_q, self.graft_core), self.graft_q_epoch = self._read_stream_through_graft(), self.graft_epoch
-        # one forward (DDP's, when distributed); its taps feed the adversary
-        logits, taps = ctx.model(x, taps=True) if self.adversary is not None else (ctx.model(x), None)
+            (self.graft_qs, self.graft_core), self.graft_q_epoch = self._read_stream_through_graft(), self.graft_epoch
+        # one forward (DDP's, when distributed); its taps feed the adversaries
+        logits, taps = ctx.model(x, taps=True) if self.adversaries else (ctx.model(x), None)
         q_all_stream, core_all_stream = self._stream_predictions()
-        q = q_all_stream[index_u].to(x.device)
+        qs = [q_stream[index_u].to(x.device) for q_stream in q_all_stream]
         core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
         nll = self.task_loss(logits[:n], batch["labels"])
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
-        q_all = ctx.dist.gather_rows(q.float())
+        q_alls = [ctx.dist.gather_rows(q.float()) for q in qs]
         task, extra = self._with_self_training(nll, logits[n:], step)
         p_all = ctx.dist.gather_rows(logits[n:].float().softmax(-1))
+        penalty = objective = None
+        joints = []
+        for i, (concept, q_all) in enumerate(zip(self.concepts, q_alls)):
+            previous = None if self.joints is None else self.joints[i]
+            mi, own_objective, joint = self._penalty(p_all, q_all, previous, x.device)
+            penalty = mi if penalty is None else penalty + mi
+            objective = own_objective if objective is None else objective + own_objective
+            joints.append(joint)
+            extra[f"penalty/mi_{concept.name}"] = mi
         if self.cfg.joint_decay > 0:
-            with torch.no_grad():
-                batch_joint = p_all.detach().T @ q_all / len(q_all)
-                d = self.cfg.joint_decay
-                joint = batch_joint if self.joint is None else d * self.joint.to(x.device) + (1 - d) * batch_joint
-                self.stage(joint=joint)
-                penalty, pmi = mutual_information_of_joint(joint)
-            # the running joint's MI, carried by this batch's rows: mean_i p_i^T PMI q_i has that MI as its
-            # expected value and, scaled by 1 / (1 - d) to a per-batch step, its gradient w.r.t. the batch's logits
-            objective = (p_all * (q_all @ pmi.T)).sum(1).mean()
-        else:
-            penalty = objective = soft_mutual_information(p_all, q_all)
+            self.stage(joints=joints)
         loss = task + self.cfg.weight * objective
         if core_q is not None:  # distillation of the core concept's caption prediction on the stream
             core = F.cross_entropy(logits[n:].float(), core_q.float())  # probabilities as the target
             loss, extra = loss + self.cfg.core_weight * core, {**extra, "core": core}
-        if self.adversary is not None:  # its own loss on this process's stream rows; the trainer averages its grads
+        if self.adversaries:  # their own losses on this process's stream rows; the trainer averages their grads
             features = ctx.net.pre_logits(taps[ctx.net.tap_names[-1]][n:]).float()  # what the head reads
-            adversary = self._adversary_loss(features, q.float())
+            adversary = None
+            for concept, own, q in zip(self.concepts, self.adversaries, qs):
+                term = self._adversary_loss(own, features, q.float())
+                adversary = term if adversary is None else adversary + term
+                extra[f"adversary/{concept.name}"] = term
             loss, extra = loss + adversary, {**extra, "adversary": adversary}
         return {"loss": loss, "nll": nll, "penalty": penalty, **extra}
 
