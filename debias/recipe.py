@@ -70,6 +70,16 @@ class DataCfg:
     """Renders of each evaluation base image (fixed by the seed)."""
     unlabeled_copies: int = field(default=16, metadata=_range(1, 1000))
     """Renders of each unlabeled-stream base image (the stream and the ``independent`` probe images)."""
+    stream_bias: float | str = "independent"
+    """``world_digits``: how the unlabeled stream's spurious attributes follow the label. ``"independent"``: each is
+    drawn uniformly, whatever the class; a number in [0.5, 1.0]: each spurious attribute has its class's value with
+    this probability (one of the others otherwise), drawn as ``data.bias`` draws the training set's. The stream is
+    also the ``independent`` probe images, so they follow it. Other datasets refuse any value but
+    ``"independent"``."""
+    stream_fraction: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    """``world_digits``: the fraction of the unlabeled stream's base images kept, per class (each class's first
+    ones in the seeded order the split is drawn in, so a smaller fraction keeps a subset of a larger one's); 1.0:
+    all of ``data.split_fractions.unlabeled``. Other datasets refuse any value but 1.0."""
     root: str = ""
     """Local data folder (MNIST in torchvision layout, or the folder dataset's images)."""
     download: bool = False
@@ -403,10 +413,32 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+STREAM_KEYS = ("stream_bias", "stream_fraction")
+"""``[data]`` keys that shape the unlabeled stream: a dataset reads those its module lists in ``STREAM_KEYS``
+(``world_digits`` reads both) and refuses any other value than the default for the rest."""
+
+
+def _check_stream_keys(d: DataCfg, data: Any) -> None:
+    """``data.stream_bias``'s value, and every stream key left at its default for a dataset that does not read it."""
+    if isinstance(d.stream_bias, str) and d.stream_bias != "independent":
+        raise RecipeError(f"data.stream_bias = {d.stream_bias!r}: expected \"independent\" or a number in [0.5, 1.0]")
+    if isinstance(d.stream_bias, float) and not 0.5 <= d.stream_bias <= 1.0:
+        raise RecipeError(f"data.stream_bias = {d.stream_bias!r}: expected a value in [0.5, 1.0] (the probability "
+                          "that a stream image's spurious attribute is its class's), or \"independent\"")
+    reads = getattr(data, "STREAM_KEYS", ())
+    for f in dataclasses.fields(DataCfg):
+        if f.name in STREAM_KEYS and f.name not in reads and getattr(d, f.name) != f.default:
+            readers = [name for name in DATASETS if f.name in getattr(dataset(name), "STREAM_KEYS", ())]
+            raise RecipeError(f"data.{f.name} = {_toml_value(getattr(d, f.name))}: data.name = {d.name!r} does not "
+                              f"read it (read by: {', '.join(readers)}); expected {_toml_value(f.default)} or no "
+                              "such key")
+
+
 def _validate_cross(recipe: Recipe) -> None:
     """Checks that involve several keys."""
     d = recipe.data
     data = dataset(d.name)
+    _check_stream_keys(d, data)
     data.validate(d, recipe.concepts)
     c = recipe.concepts
     for name, caps in c.captions.items():

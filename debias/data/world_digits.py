@@ -11,7 +11,9 @@ attribute drawn independently. Every other attribute is drawn uniformly from its
 Splits:
 
 - ``train``, ``val`` and the unlabeled stream take ``data.split_fractions`` of each class's base images from the
-  *pretraining pool* (:mod:`debias.data.base_pool`), split per seed;
+  *pretraining pool* (:mod:`debias.data.base_pool`), split per seed; the stream keeps ``data.stream_fraction`` of
+  its share (each class's first base images in the seeded order), and its spurious attributes are drawn uniformly
+  (``data.stream_bias = "independent"``) or follow the label with probability ``data.stream_bias``;
 - the evaluation splits render every base image of the *evaluation pool* (a fixed set that neither the digits CLIP
   nor the shipped backbone trains on), ``data.eval_copies`` times, each split with draws of its own: ``test`` (biased
   like training), ``shifted`` (every attribute random), ``swapped`` (every spurious attribute takes the next class's
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 
 SETTING_KEYS = ("bias",)
 """``[data]`` keys that name a run's setting in ``debias compare`` tables."""
+
+STREAM_KEYS = ("stream_bias", "stream_fraction")
+"""The ``[data]`` keys of the unlabeled stream's bias and size this dataset reads (other datasets refuse them)."""
 
 FACTORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "color": ("colors", COLOR_NAMES),
@@ -138,9 +143,12 @@ def draw_attributes(labels: torch.Tensor, cfg: DataCfg, spurious: list[str], spl
                 mode = "swapped"
             elif split.startswith("swapped_"):
                 mode = "biased"
-            else:  # shifted, the unlabeled stream, any other split
+            elif split == "unlabeled" and cfg.stream_bias != "independent":  # the stream's own bias
+                mode = "biased"
+            else:  # shifted, the unlabeled stream at "independent", any other split
                 mode = "shifted"
-            out[factor] = assign_colors(labels, n_values, mode, cfg.bias, gen)  # any attribute, not colour only
+            bias = float(cfg.stream_bias) if split == "unlabeled" and mode == "biased" else cfg.bias
+            out[factor] = assign_colors(labels, n_values, mode, bias, gen)  # any attribute, not colour only
         else:
             out[factor] = torch.randint(0, n_values, (len(labels),), generator=gen)
     return out
@@ -214,7 +222,8 @@ def load(cfg: DataCfg, seed: int, concepts: ConceptsCfg) -> DatasetBundle:
         start = 0
         for name in parts:
             n = int(round(cfg.split_fractions[name] * len(idx)))
-            parts[name].append(idx[start:start + n])
+            keep = int(round(cfg.stream_fraction * n)) if name == "unlabeled" else n  # a prefix: no draw
+            parts[name].append(idx[start:start + keep])
             start += n
     ev_idx, ev_labels = members(evaluation)
     eval_splits = ["test"] + [s for s in cfg.split_fractions if s not in STREAM_SPLITS and s != "test"
@@ -227,7 +236,8 @@ def load(cfg: DataCfg, seed: int, concepts: ConceptsCfg) -> DatasetBundle:
         idx = torch.cat(chunks)
         idx = idx[torch.randperm(len(idx), generator=gen)]  # any prefix mixes the classes
         if len(idx) == 0:
-            raise DebiasError(f"data.split_fractions.{name}: the split has no base images; raise its fraction")
+            raise DebiasError(f"data.split_fractions.{name}: the split has no base images; raise its fraction"
+                              + (f" or data.stream_fraction = {cfg.stream_fraction!r}" if name == "unlabeled" else ""))
         labels = torch.tensor([cfg.classes.index(int(d)) for d in digits[idx]], dtype=torch.long)
         copies = {"train": cfg.train_copies, "unlabeled": cfg.unlabeled_copies}.get(name, cfg.eval_copies)
         r = _Renderer(idx, labels, cfg, spurious, name, copies, seed)
