@@ -126,8 +126,8 @@ class ConceptPenalty(Method):
     Every spurious concept (``concepts.spurious``, in that order) has its own captions, its own caption predictions
     of the stream, its own running joint (``joint_decay``) and, with ``adversary_weight``, its own adversary; their
     MI terms and adversary losses are added, each at the same weight. A sum, not a mean: a concept is penalised as
-    strongly whether or not another one is named beside it, and one concept gives the one-concept loss as it
-    was. Self-training (``pseudo_label_weight``) reads the model's own class predictions, no concept, so it is one
+    strongly whether or not another one is named beside it, and with one concept the sum is that concept's term.
+    Self-training (``pseudo_label_weight``) reads the model's own class predictions, no concept, so it is one
     term whatever the number of spurious concepts; core distillation (``core_weight``) reads the one core concept.
 
     With one spurious concept the loss, its terms and the draws of random numbers are those of a one-concept run,
