@@ -1,13 +1,14 @@
 """tools/benchmark.py: a tiny benchmark writes its report and a rerun skips its finished runs; bad names exit 2 with
 one line; submitit's local executor runs a run; the goal and variant tables."""
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from debias.benchmark import plan
+from debias.benchmark import jobs, plan
 from debias.errors import DebiasError
 
 TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "matching.num_images=64",
@@ -115,3 +116,14 @@ def test_submitit_local_executor_runs_one_tiny_run(tmp_path):
     again = bench("--launcher", "submitit-local", "--recipes", "colored_digits", "--methods", "erm", "--seeds", "0",
                   "--out", str(out), "--set", *TINY)
     assert again.returncode == 0 and "skip colored_digits/erm/scratch/seed0 (done)" in again.stdout, again.stderr
+
+
+def test_submitits_warning_signal_stops_a_run_as_sigterm_does():
+    """A job's SIGUSR2 (submitit: time limit near, or preemption) becomes the SIGTERM the trainer stops on."""
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        jobs._stop_run(signal.SIGUSR2, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIGTERM]
