@@ -282,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             raise DebiasError(f"--out {str(out)!r}: exists and is not a directory")
         if args.jobs is not None and args.jobs < 1:
             raise DebiasError(f"--jobs {args.jobs}: expected at least 1 run at a time")
+        if args.launcher != "local" and not args.report_only:
+            try:
+                import submitit  # noqa: F401
+            except ImportError:
+                raise DebiasError(f"--launcher {args.launcher}: submitit is not installed; pip install submitit "
+                                  "(or pip install -e '.[cluster]')") from None
         if args.report_only:
             if not any((out / "runs").glob("*/*/*/seed*/done")):
                 raise DebiasError(f"--report-only: no finished run under {out / 'runs'}")
