@@ -22,7 +22,7 @@ from ..recipe import flatten_recipe
 from .plan import GOALS, REPO, VARIANTS, goal_thresholds, meets
 
 ROWS = ("finetuned", "scratch")
-ROW_TITLES = {"finetuned": "fine-tuned backbone (the recipe's model.checkpoint)",
+ROW_TITLES = {"finetuned": "fine-tuned backbone (model.checkpoint = \"{checkpoint}\")",
               "scratch": 'from scratch (model.checkpoint = "")'}
 SPLIT_FIRST = ("test", "shifted", "swapped")
 HIDDEN = ("train",)
@@ -112,6 +112,7 @@ def aggregate(rows: list[dict[str, Any]], recipes: list[str]) -> list[dict[str, 
         out.append({
             "recipe": recipe, "variant": variant, "row": row, "seeds": sorted(r["seed"] for r in members),
             "mixed_recipe_keys": mixed,
+            "checkpoint": members[0]["recipe_values"].get("model.checkpoint", ""),
             "uses_group_labels": bool(info and info.uses_group_labels),
             "knows_nuisance": bool(info and info.knows_nuisance),
             "splits": splits,
@@ -185,6 +186,10 @@ def build(out: Path, wall_s: float | None = None) -> dict[str, Any]:
     }
 
 
+def _row_title(g: dict[str, Any]) -> str:
+    return ROW_TITLES.get(g["row"], g["row"]).format(checkpoint=g.get("checkpoint", ""))
+
+
 def _fmt(ms: dict[str, float] | None) -> str:
     if not ms or ms["n"] == 0 or ms["mean"] != ms["mean"]:
         return "-"
@@ -246,7 +251,7 @@ def render(result: dict[str, Any]) -> str:
             splits = [s for s in split_order(s for g in members for s in g["splits"]) if s not in HIDDEN]
             free = [g for g in members if not g["uses_group_labels"]]
             labelled = [g for g in members if g["uses_group_labels"]]
-            lines += [f"### {ROW_TITLES.get(row, row)}", ""]
+            lines += [f"### {_row_title(members[0])}", ""]
             if free:
                 lines += _table(free, splits) + [""]
             lines += [f"Warning: the {g['variant']} runs differ in more than the seed ({', '.join(g['mixed_recipe_keys'][:5])}): "
@@ -270,9 +275,20 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tick(g: dict[str, Any]) -> str:
+    """A variant's label under its bars: name, marks, dominant concepts over the seeds, seeds meeting the goal."""
+    lines = [g["variant"]] + (["(knows the nuisance)"] if g["knows_nuisance"] else []) + (
+        ["(group labels)"] if g["uses_group_labels"] else [])
+    lines.append(", ".join(f"{c} x{n}" for c, n in g["dominant_concept"].items()))
+    if g["goal"]:
+        lines.append(f"goal {len(g['goal']['seeds_met'])}/{g['goal']['n']}")
+    return "\n".join(lines)
+
+
 def plot_recipe(result: dict[str, Any], recipe: str, path: Path) -> None:
-    """Every split's accuracy per variant (bars: mean over seeds, whiskers: std, dots: the seeds), one panel per
-    backbone row."""
+    """Every split's accuracy per variant (bars: mean over seeds, whiskers: std, dots: the seeds; a dashed line: the
+    worst group, mean over seeds), one panel per backbone row; under each variant its dominant concepts and the
+    seeds meeting the goal."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +301,7 @@ def plot_recipe(result: dict[str, Any], recipe: str, path: Path) -> None:
     runs = [r for r in result["runs"] if r["recipe"] == recipe]
     fig, axes = plt.subplots(len(rows), 1, figsize=(max(6.0, 1.3 * max(len([g for g in groups if g["row"] == row])
                                                                       for row in rows)), 3.6 * len(rows)),
-                             squeeze=False)
+                             squeeze=False, constrained_layout=True)
     for ax, row in zip(axes[:, 0], rows):
         members = [g for g in groups if g["row"] == row]
         splits = [s for s in split_order(s for g in members for s in g["splits"]) if s not in HIDDEN + ("val",)]
@@ -300,12 +316,13 @@ def plot_recipe(result: dict[str, Any], recipe: str, path: Path) -> None:
                          if r["row"] == row and r["variant"] == g["variant"] and s in r["splits"]]
                 ax.plot([j + offset] * len(seeds), seeds, "o", markersize=2.5, color="black",
                         markerfacecolor=bars.patches[0].get_facecolor(), linewidth=0)
-        ax.set_xticks(range(len(members)), [g["variant"] + ("\n(knows the\nnuisance)" if g["knows_nuisance"] else "")
-                                            + ("\n(group labels)" if g["uses_group_labels"] else "")
-                                            for g in members], fontsize=7)
+        ax.hlines([g["worst_group_accuracy"]["mean"] for g in members], [j - 0.42 for j in range(len(members))],
+                  [j + 0.42 for j in range(len(members))], colors="black", linestyles="dashed", linewidth=1.2,
+                  label="worst group")
+        ax.set_xticks(range(len(members)), [_tick(g) for g in members], fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("accuracy\n(mean, std, seeds)", fontsize=8)
-        ax.set_title(f"{recipe}: {ROW_TITLES.get(row, row)}", fontsize=9)
+        ax.set_title(f"{recipe}: {_row_title(members[0])}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save(fig, path)
 
