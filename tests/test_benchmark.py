@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,26 @@ def test_submitits_warning_signal_stops_a_run_as_sigterm_does():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == [signal.SIGTERM]
+
+
+def test_a_stopped_benchmark_resumes_its_unfinished_run(tmp_path):
+    """SIGTERM to the benchmark stops the run in progress after its current step (exit 143, checkpoint written); the
+    same command resumes that run rather than starting it again."""
+    out = tmp_path / "bench"
+    args = [sys.executable, "tools/benchmark.py", "--recipes", "colored_digits", "--methods", "erm", "--seeds", "0",
+            "--out", str(out), "--set", *TINY, "train.epochs=2"]
+    run = out / "runs" / "colored_digits" / "erm" / "scratch" / "seed0"
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 143 and "benchmark interrupted" in err, err
+    assert not (run / "done").exists() and (run / "checkpoint.pt").exists()
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 0 and "[1/1] colored_digits/erm/scratch/seed0: ok" in again.stdout, again.stderr
+    log = (out / "logs" / "colored_digits" / "erm" / "scratch" / "seed0.log").read_text()
+    assert "stopped by SIGTERM" in log and "resumed" in log and (run / "done").exists()
+    launches = [json.loads(line) for line in (out / "launches.jsonl").read_text().splitlines()]
+    assert [launch["interrupted"] for launch in launches] == [True, False]

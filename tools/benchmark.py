@@ -17,11 +17,12 @@ under ``OUT/runs``; docs/BENCHMARK.md states the protocol. The variants, the nui
 are tables in ``debias/benchmark/plan.py``.
 
 Launchers: ``local`` (``--jobs N`` worker processes, ``cores // N`` torch threads each: tools/sweep.py's workers;
-Ctrl-C stops the runs in progress after their current step with a checkpoint written), ``submitit`` (each run a
-SLURM job through ``submitit.AutoExecutor``; ``--jobs N`` caps the jobs running at once, the array's parallelism),
-``submitit-local`` (submitit's ``LocalExecutor``: the same path on this machine, ``--jobs`` jobs at a time). The
-submitted jobs are recorded in ``OUT/submitit/jobs.json``: a relaunch waits for a recorded job still queued or
-running instead of submitting its run twice.
+Ctrl-C or SIGTERM to the benchmark stops the runs in progress after their current step with a checkpoint written,
+and the benchmark exits 130 or 143), ``submitit`` (each run a SLURM job through ``submitit.AutoExecutor``;
+``--jobs N`` caps the jobs running at once, the array's parallelism), ``submitit-local`` (submitit's
+``LocalExecutor``: the same path on this machine, ``--jobs`` jobs at a time). The submitted jobs are recorded in
+``OUT/submitit/jobs.json``: a relaunch waits for a recorded job still queued or running instead of submitting its
+run twice.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -249,6 +251,13 @@ def _launch(args: argparse.Namespace, out: Path) -> int:
           f"({args.launcher} launcher)", flush=True)
     progress = Progress(len(todo))
     code = 0
+    stopped_by = []
+
+    def on_sigterm(signum, frame):  # as Ctrl-C: the runs in progress stop after their current step, resumable
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         if todo and args.launcher == "local":
             failed = run_local(todo, args.jobs or 1, out, progress)
@@ -257,8 +266,10 @@ def _launch(args: argparse.Namespace, out: Path) -> int:
         else:
             failed = []
     except KeyboardInterrupt:
-        failed, code = None, 130
-    launch.update(wall_s=time.perf_counter() - t0, failed=failed, interrupted=code == 130)
+        failed, code = None, 143 if stopped_by else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    launch.update(wall_s=time.perf_counter() - t0, failed=failed, interrupted=code != 0)
     with open(out / "launches.jsonl", "a") as f:
         f.write(json.dumps(launch) + "\n")
     if code:
