@@ -1,6 +1,7 @@
 """tools/benchmark.py: a tiny benchmark writes its report and a rerun skips its finished runs; bad names exit 2 with
 one line; submitit's local executor runs a run; the goal and variant tables."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,11 +70,14 @@ def test_a_rerun_skips_finished_runs_and_the_report_rebuilds(tiny_bench):
     (["--recipes", "colored_digits", "--methods", "ermm"], "--methods 'ermm': not a benchmark variant"),
     (["--recipes", "colored_digits", "--methods", "erm", "--set", "bogus=1"], "unknown recipe key 'bogus'"),
     (["--report-only"], "--report-only: no finished run"),
+    pytest.param(["--recipes", "colored_digits", "--methods", "erm", "--launcher", "submitit"],
+                 "--launcher submitit: no SLURM here", marks=pytest.mark.skipif(
+                     shutil.which("srun") is not None, reason="a SLURM cluster: the launcher would submit")),
 ])
 def test_bad_names_exit_2_with_one_line(tmp_path, args, named):
     done = bench(*args, "--out", str(tmp_path / "bench"))
     assert done.returncode == 2 and named in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "bench" / "runs").exists()
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "bench").exists()
 
 
 def test_a_variant_whose_method_is_not_registered_is_refused(monkeypatch):

@@ -30,6 +30,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 raise DebiasError(f"--launcher {args.launcher}: submitit is not installed; pip install submitit "
                                   "(or pip install -e '.[cluster]')") from None
+            if args.launcher == "submitit" and shutil.which("srun") is None:
+                raise DebiasError("--launcher submitit: no SLURM here (srun not found); use --launcher local, or "
+                                  "submitit-local for submitit on this machine")
         if args.report_only:
             if not any((out / "runs").glob("*/*/*/seed*/done")):
                 raise DebiasError(f"--report-only: no finished run under {out / 'runs'}")
