@@ -254,9 +254,10 @@ def render(result: dict[str, Any]) -> str:
             lines += [f"### {_row_title(members[0])}", ""]
             if free:
                 lines += _table(free, splits) + [""]
-            lines += [f"Warning: the {g['variant']} runs differ in more than the seed ({', '.join(g['mixed_recipe_keys'][:5])}): "
-                      "their mean is not one setting's; rerun them with one command." for g in members
-                      if g["mixed_recipe_keys"]] + [""] * any(g["mixed_recipe_keys"] for g in members)
+            mixed = [g for g in members if g["mixed_recipe_keys"]]
+            lines += [f"Warning: the {g['variant']} runs differ in more than the seed "
+                      f"({', '.join(g['mixed_recipe_keys'][:5])}): their mean is not one setting's; rerun them with "
+                      "one command." for g in mixed] + [""] * bool(mixed)
             lines += ["Group-label oracles, reported apart: variants trained on the training group labels, and per "
                       "variant the checkpoint validation worst-group accuracy picks and the best epoch on the "
                       "oracle split (recorded every epoch, used by no rule).", ""]
