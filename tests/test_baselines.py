@@ -79,3 +79,119 @@ def test_generic_augmentation_trains_through_the_cli(tmp_path, capsys):
                  "--set", "train.method=augment", 'augment.transforms=["hflp"]']) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "augment.transforms" in err and "hflip" in err
+
+
+# ------------------------------------------------------------------------------------ leace
+
+LEACE = TINY + ["train.method=leace", "train.epochs=2", "selection.track_concepts=false"]
+"""Two epochs of the fine-tuned backbone on textured_digits; the matching the erasure reads is made at its end."""
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+    """The paths at which two JSON values differ, floats beyond a relative 1e-4 (a resumed run's weights may
+    differ from the uninterrupted run's in the last bits: CPU kernels need not sum in the same order in another
+    process); a short message where pytest's diff of large dicts takes a minute."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{path}/{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) else [f"{path}: {a!r} != {b!r}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def _metrics_without_timing(path: Path) -> dict:
+    m = json.loads(path.read_text())
+    m.pop("timing")
+    return m
+
+
+@pytest.fixture(scope="module")
+def leace_run(tmp_path_factory):
+    """One uninterrupted tiny ``leace`` run, the trainer kept."""
+    recipe = load_recipe("recipes/textured_digits.toml", LEACE)
+    out = tmp_path_factory.mktemp("leace") / "run"
+    trainer = Trainer(recipe, out, progress=False)
+    trainer.fit()
+    return {"recipe": recipe, "out": out, "trainer": trainer}
+
+
+def test_leace_erases_the_concept_on_the_stream_and_keeps_the_label(leace_run):
+    """LEACE's guarantee on the data it was fitted to: no linear probe of the erased features predicts the erased
+    concept (as captions predict it on the stream) better than a constant, where one of the raw features does;
+    the refitted classifier, which reads nothing the eraser removes, still predicts the training labels."""
+    t = leace_run["trainer"]
+    method, stream = t.method, t.bundle.unlabeled
+    raw = penultimate_features(t.net, stream.images, t.device)
+    values = method.stream_values()[:, 0].numpy()
+    majority = max((values == v).mean() for v in set(values.tolist()))
+    assert majority < 0.75  # both values occur: the stream's background is independent of the label
+    erased = method.erase(raw)
+    raw_probe = LogisticRegression(max_iter=2000).fit(raw.numpy(), values).score(raw.numpy(), values)
+    erased_probe = LogisticRegression(max_iter=2000).fit(erased.numpy(), values).score(erased.numpy(), values)
+    assert raw_probe > 0.95 and erased_probe <= majority + 0.02, (raw_probe, erased_probe, majority)
+    head = t.net.net.get_classifier()
+    with torch.no_grad():  # the folded classifier ignores what the eraser removes: the same logits before and after
+        assert torch.allclose(head(raw.float()), head(erased.float()), atol=1e-3)
+    m = json.loads((leace_run["out"] / "metrics.json").read_text())
+    assert m["method"] == "leace" and m["splits"]["train"]["accuracy"] > 0.9
+    saved = io.load_tensors(leace_run["out"] / "model.safetensors")  # the run directory holds the erased model
+    assert torch.equal(saved["net.fc.weight"], head.weight.detach().cpu())
+
+
+@pytest.mark.parametrize("where", ["training", "final_evaluation"])
+def test_leace_resumed_equals_the_uninterrupted_run(leace_run, tmp_path, where):
+    """Stopped during training, a run resumes and erases at its end; stopped during the final evaluation (after
+    the erasure's checkpoint), it resumes with the erased model and the eraser from the checkpoint and does not
+    erase again. Both end as the uninterrupted run."""
+    recipe = leace_run["recipe"]
+    run = tmp_path / "stopped"
+    t = Trainer(recipe, run, progress=False)
+    if where == "training":
+        def stop(epoch: int) -> None:  # killed after the first epoch's checkpoint
+            if epoch == 1:
+                raise _Stopped
+        t.method.on_epoch_start = stop
+    else:
+        def stop(*args, **kwargs):
+            raise _Stopped
+        t.finish = stop
+    with pytest.raises(_Stopped):
+        t.fit()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ("eraser_proj_left" in state["method"]) == (where == "final_evaluation")
+    resumed = Trainer(recipe, run, progress=False)
+    erase = resumed.method.on_train_end
+    calls = []
+    resumed.method.on_train_end = lambda: calls.append(erase()) or calls[-1]
+    resumed.fit()
+    assert calls == [where == "training"]  # True: it erased; False: the checkpoint's model was erased already
+    weights, expected = (io.load_tensors(d / "model.safetensors") for d in (run, leace_run["out"]))
+    assert all(torch.allclose(weights[k].float(), expected[k].float(), atol=1e-5) for k in expected)
+    assert not _differences(_metrics_without_timing(run / "metrics.json"),
+                            _metrics_without_timing(leace_run["out"] / "metrics.json"))
+
+
+def test_leace_through_the_cli_and_explained(tmp_path, capsys):
+    """A tiny ``leace`` run through the CLI, on two spurious concepts, then ``debias explain`` of its run directory
+    (the erased classifier has the model's own shape); a recipe without an unlabeled stream is one line, exit 2."""
+    out = tmp_path / "run"
+    sets = [*TINY, "train.method=leace", "model.checkpoint=''", "leace.source=clip",
+            "selection.track_concepts=false"]
+    assert main(["train", "recipes/two_nuisances.toml", "--out", str(out), "--no-progress", "--set", *sets]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "leace" and m["recipe"]["leace"]["source"] == "clip"
+    assert {"swapped_color", "swapped_background"} <= set(m["splits"])
+    assert main(["explain", "recipes/two_nuisances.toml", "--set", *sets, "--checkpoint", str(out),
+                 "--out", str(tmp_path / "explained")]) == 0
+    explained = json.loads((tmp_path / "explained" / "explain.json").read_text())
+    assert explained["scores"] == pytest.approx(m["explain"]["scores"])
+    capsys.readouterr()
+    assert main(["train", "recipes/textured_digits.toml", "--out", str(tmp_path / "none"), "--no-progress",
+                 "--set", *TINY, "train.method=leace", "data.split_fractions.unlabeled=0.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "leace" in err and "data.split_fractions.unlabeled" in err
