@@ -24,6 +24,7 @@ if typing.TYPE_CHECKING:  # the method sections' dataclasses, defined in the met
     from .methods.concept import ConceptPenaltyCfg
     from .methods.groupdro import GroupDROCfg
     from .methods.jtt import JTTCfg
+    from .methods.leace import LeaceCfg
 
 
 @dataclass
@@ -211,7 +212,7 @@ class TrainCfg:
 
     method: str = "erm"
     """The training method: ``erm`` (plain cross-entropy) or a debiasing method by name (``concept``, ``groupdro``,
-    ``jtt``, ``reweight``, ``augment``); a method's own settings are its section (``[concept]``, ``[jtt]``, ...)."""
+    ``jtt``, ``reweight``, ``augment``, ``leace``); a method's own settings are its section (``[concept]``, ``[jtt]``, ...)."""
     epochs: int = field(default=8, metadata=_range(1, 100000))
     """Passes over the training split (JTT's ``retrain`` adds its identification epochs before them)."""
     batch_size: int = field(default=64, metadata=_range(2, None))
@@ -263,7 +264,7 @@ def _method_section_classes() -> dict[str, type]:
 
 
 def __getattr__(name: str) -> Any:
-    """``ConceptPenaltyCfg``, ``GroupDROCfg``, ``JTTCfg``, ``AugmentCfg``: the method sections, from their modules."""
+    """``ConceptPenaltyCfg``, ``GroupDROCfg``, ``JTTCfg``, ``AugmentCfg``, ``LeaceCfg``: the method sections, from their modules."""
     classes = _method_section_classes() if name.endswith("Cfg") else {}
     if name in classes:
         return classes[name]
@@ -308,6 +309,7 @@ class Recipe:
     groupdro: GroupDROCfg = _method_section("groupdro")
     jtt: JTTCfg = _method_section("jtt")
     augment: AugmentCfg = _method_section("augment")
+    leace: LeaceCfg = _method_section("leace")
     selection: SelectionCfg = field(default_factory=SelectionCfg)
 
     def to_dict(self) -> dict[str, Any]:

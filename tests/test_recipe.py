@@ -126,8 +126,9 @@ def test_method_sections_keep_their_keys_and_every_method_is_registered():
 
     r = load_recipe(DEFAULT, ["concept.weight=2", "jtt.upweight=5", "groupdro.eta=0.1", "augment.grayscale_p=0.5"])
     assert (r.concept.weight, r.jtt.upweight, r.groupdro.eta, r.augment.grayscale_p) == (2.0, 5.0, 0.1, 0.5)
-    assert {name for name in METHODS if config_class(name) is not None} == {"concept", "groupdro", "jtt", "augment"}
-    assert sorted(METHODS) == ["augment", "concept", "erm", "groupdro", "jtt", "reweight"]
+    assert {name for name in METHODS if config_class(name) is not None} == {"concept", "groupdro", "jtt", "augment",
+                                                                           "leace"}
+    assert sorted(METHODS) == ["augment", "concept", "erm", "groupdro", "jtt", "leace", "reweight"]
     with pytest.raises(RecipeError, match=r"train.method = 'jt': expected one of .*did you mean 'jtt'"):
         load_recipe(DEFAULT, ["train.method=jt"])
 

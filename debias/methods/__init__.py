@@ -26,6 +26,7 @@ METHODS: dict[str, str] = {
     "jtt": "debias.methods.jtt",
     "reweight": "debias.methods.reweight",
     "augment": "debias.methods.augment",
+    "leace": "debias.methods.leace",
 }
 """Every method ``train.method`` may name, and the module that implements it."""
 

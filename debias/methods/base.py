@@ -107,6 +107,14 @@ class Method:
         which ends with ``ctx.restart()``); 0 for a single stage."""
         return 0
 
+    def on_train_end(self) -> bool:
+        """Hook after the last epoch (its checkpoint written), before the final evaluation: a post-hoc step on the
+        trained model (``leace``'s erasure). True when it changed the model: the trainer then writes the checkpoint
+        and ``model.safetensors`` again, so the evaluation, a resumed run and ``debias explain`` read the changed
+        model. A run resumed after that checkpoint calls it again: the method's state says the step is done (and
+        it returns False)."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """Method state that a resumed run needs (GroupDRO's weights, JTT's error set)."""
         return {}

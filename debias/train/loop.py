@@ -406,7 +406,10 @@ class Trainer:
                     bar.close()
                     self._stopped(stop, f"after epoch {epoch}")
             bar.close()
+            changed = self.method.on_train_end()  # a post-hoc step on the trained model (leace)
             self.train_s += time.perf_counter() - t0
+            if changed:  # what the evaluation reads is what the run directory and a resumed run hold
+                self.save_checkpoint()
             return self.finish(self.train_s, stop)
 
     def _stopped(self, stop: "_StopFlag", where: str) -> None:
