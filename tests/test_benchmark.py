@@ -136,6 +136,7 @@ def test_submitits_warning_signal_stops_a_run_as_sigterm_does():
     assert seen == [signal.SIGTERM]
 
 
+@pytest.mark.slow  # a whole-tool run (about 13-22 s); the default suite keeps within 10 min
 def test_a_stopped_benchmark_resumes_its_unfinished_run(tmp_path):
     """SIGTERM to the benchmark stops the run in progress after its current step (exit 143, checkpoint written); the
     same command resumes that run rather than starting it again."""

@@ -2,6 +2,7 @@
 augmentation inside training, and the package metadata."""
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def test_augment_transforms_the_images_inside_training(tmp_path):
     assert not torch.allclose(raw[:, 0], raw[:, 1])  # the raw batch is coloured: the equality above is the transform's
 
 
+@pytest.mark.slow  # a whole-tool run (about 13-22 s); the default suite keeps within 10 min
 def test_bench_matching_takes_a_recipes_models_and_image_size():
     """tools/bench_matching.py --recipe: the recipe's models (random weights), image size and matching batch, shrunk
     here by --set; the cost per further 100 images; --set without a recipe is refused."""

@@ -67,6 +67,7 @@ def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
         assert "/nonexistent/w.pth" in log
 
 
+@pytest.mark.slow  # a whole-tool run (about 13-22 s); the default suite keeps within 10 min
 def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
     """tools/bench_step.py: NAME@key=value entries add overrides to one entry; every entry gets a row (its stream
     batch named), the first is the ratio's base; a bad override names its entry and the key."""
@@ -103,6 +104,7 @@ def test_benchmarks_refuse_bad_input_with_a_message(tool, args, named):
     assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # a whole-tool run (about 13-22 s); the default suite keeps within 10 min
 def test_bench_matching_times_both_pair_sums_and_compares_their_channels():
     """tools/bench_matching.py: a row per (size, pair sums), the time ratio, and whether the adjoint sums select the
     channels the explicitly resized maps do (the same statistics up to float rounding)."""
