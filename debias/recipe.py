@@ -276,7 +276,12 @@ class SelectionCfg:
     """Checkpoint selection rules evaluated every epoch (metrics.json records each rule's pick)."""
 
     track_concepts: bool = True
-    """Compute the concept dominance every epoch (needed by the ``dominance`` rule)."""
+    """Compute the concept dominance during training (needed by the ``dominance`` rule)."""
+    track_every: int = field(default=4, metadata=_range(1, None))
+    """With ``track_concepts``: match the model to CLIP and score the concept dominance after every N-th epoch and
+    after the last one (the ``dominance`` rule picks among those epochs). One tracking costs about two forward passes
+    of the model over ``concept_images`` images, which on a small dataset is as much as an epoch's training; 1 tracks
+    every epoch."""
     split: str = "val"
     """Split for validation accuracy and worst-group accuracy."""
     concept_split: str = "probe"

@@ -94,7 +94,9 @@ def test_each_method_end_to_end(tmp_path, method):
     assert set(m["splits"]) >= {"test", "shifted", "swapped", "grayscale"}
     assert set(m["selection"]) == {"val_accuracy", "dominance", "worst_group"}
     # jtt trains its identification model (jtt.first_epochs = 1) before the train.epochs of its final model
-    assert len(m["history"]) == (3 if method == "jtt" else 2) and "dominance_margin" in m["history"][0]
+    assert len(m["history"]) == (3 if method == "jtt" else 2)
+    # selection.track_every = 4 (the default) is more than the run's epochs: the last epoch alone is scored
+    assert [h["epoch"] for h in m["history"] if "dominance_margin" in h] == [len(m["history"])]
     assert m["history"][0]["oracle_split"] == "shifted" and 0 <= m["history"][0]["oracle_accuracy"] <= 1
     assert (out / "done").exists() and (out / "model.safetensors").exists()
 
@@ -314,6 +316,19 @@ def test_graft_read_once_per_matching(tmp_path):
     restored = Trainer(recipe, tmp_path / "restored", progress=False).method
     restored.load_state_dict(t.method.state_dict())
     assert torch.equal(restored.graft_q, q) and restored.graft_q_epoch == 0
+
+
+def test_concept_dominance_is_tracked_every_n_epochs_and_after_the_last(tmp_path):
+    """``selection.track_every = 2`` over 3 epochs scores epochs 2 and 3 (the last), and the dominance rule picks
+    among them; the other epochs still record validation accuracy."""
+    out = tmp_path / "run"
+    assert main(["train", "recipes/colored_digits.toml", "--out", str(out), "--no-progress", "--set", *TINY,
+                 "train.epochs=3", "selection.track_every=2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in m["history"] if "dominant_concept" in h] == [2, 3]
+    assert all("val_accuracy" in h for h in m["history"])
+    assert m["selection"]["dominance"]["epoch"] in (2, 3)
 
 
 def test_rematch_schedule_holds_the_penalty_graft_while_the_tracking_rematches(tmp_path):

@@ -150,6 +150,8 @@ class Trainer:
         self.skipped_steps: list[int] = []
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
+        self.tracking_s = 0.0
+        """Seconds spent in the concept tracking (matching + explanation for the dominance record)."""
         self.writer: SummaryWriter | _NullWriter | None = None
 
     @property
@@ -291,6 +293,12 @@ class Trainer:
                               f"{sorted(self.bundle.splits)}")
         return name
 
+    def tracks_concepts_now(self) -> bool:
+        """Whether the end-of-epoch tracking of the epoch just finished scores the concept dominance: every
+        ``selection.track_every``-th epoch and the last one."""
+        sel = self.recipe.selection
+        return sel.track_concepts and (self.epoch % sel.track_every == 0 or self.epoch >= self.total_epochs)
+
     def track(self) -> dict[str, Any]:
         """End-of-epoch figures: validation accuracy, worst-group accuracy and (optionally) concept dominance."""
         sel = self.recipe.selection
@@ -303,7 +311,8 @@ class Trainer:
         if oracle is not None:
             row["oracle_split"], row["oracle_accuracy"] = oracle, figures[oracle]["accuracy"]
             self.writer.add_scalar(f"oracle/{oracle}_accuracy", row["oracle_accuracy"], self.epoch)
-        if sel.track_concepts:
+        if self.tracks_concepts_now():
+            started = time.perf_counter()
             matching = self.grafts.current()  # the matching of this epoch's model
             ex = explain_model(self.net, self.clip, matching, self.recipe, self.concept_split(), self.concepts,
                                self.device, progress=False, control_draws=0, dist=self.dist,
@@ -313,6 +322,7 @@ class Trainer:
             row["concept_scores"] = ex["scores"]
             row["dominant_concept"] = ex["dominant_concept"]
             row["dominance_margin"] = float(np.nanmean(core) - np.nanmean(spur)) if core and spur else float("nan")
+            self.tracking_s += time.perf_counter() - started
             for k, v in ex["scores"].items():
                 self.writer.add_scalar(f"concepts/{k}", v, self.epoch)
             self.writer.add_scalar("concepts/dominance_margin", row["dominance_margin"], self.epoch)
@@ -501,7 +511,8 @@ class Trainer:
             "explain": explanation,
             "timing": {"train_s": train_s,
                        "step_s_median": statistics.median(self.step_times) if self.step_times else 0.0,
-                       "steps": self.step, "skipped_steps": len(self.skipped_steps)},
+                       "steps": self.step, "skipped_steps": len(self.skipped_steps),
+                       "tracking_s": self.tracking_s},
             "selection": selection,
             "history": self.history,
             "recipe": r.to_dict(),
@@ -594,7 +605,7 @@ class Trainer:
             "history_json": json.dumps(self.history), "best_json": json.dumps(self.best),
             "step_times": torch.tensor(self.step_times, dtype=torch.float64),
             "skipped_steps": torch.tensor(self.skipped_steps, dtype=torch.long),
-            "train_s": self.train_s,
+            "train_s": self.train_s, "tracking_s": self.tracking_s,
             "rng_torch": torch.get_rng_state(), "rng_numpy_json": json.dumps(_numpy_state()),
             # this process's CUDA generator (augmentations and dropout draw there); absent on the CPU
             **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
@@ -631,6 +642,7 @@ class Trainer:
         self.step_times = state["step_times"].tolist()
         self.skipped_steps = state["skipped_steps"].tolist()
         self.train_s = float(state["train_s"])
+        self.tracking_s = float(state.get("tracking_s", 0.0))  # absent from a checkpoint of an older version
         torch.set_rng_state(state["rng_torch"])
         if "rng_cuda" in state and self.device.type == "cuda":  # a checkpoint written on the CPU has none
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
