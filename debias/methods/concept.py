@@ -37,10 +37,11 @@ class ConceptPenaltyCfg:
     image, or the true attribute (an oracle, for ablation)."""
     unlabeled_batch_size: int = field(default=16, metadata=_range(2, None))
     """Stream images a step (the global batch on several processes), in the same forward as the training batch."""
-    rematch_every: int = field(default=1, metadata=_range(0, None))
-    """With ``source = 'graft'``: match the model to CLIP again for the penalty's graft every N epochs (0 = only
-    once, before training). The per-epoch tracking (``selection.track_concepts``) matches every epoch for its own
-    read-out whatever N is; the penalty shares that matching on its due epochs and keeps its older graft between."""
+    rematch_every: int = field(default=4, metadata=_range(0, None))
+    """With ``source = 'graft'``: match the model to CLIP again for the penalty's graft, and read the stream through
+    it, every N epochs (0 = only once, before training). The tracking (``selection.track_concepts``) matches every
+    ``selection.track_every`` epochs for its own read-out whatever N is; the penalty shares that matching when both
+    are due at once (the defaults, 4 and 4) and keeps its older graft between."""
     adversary_weight: float = field(default=0.0, metadata=_range(0.0, None))
     """An adversary on the features, added to the MI penalty: a small network trained alongside learns to
     predict the concept from the features the CNN's classifier reads (timm's pre-logits: the pooled last stage for
