@@ -3,11 +3,12 @@
 The trainers are built from the same recipe and seed; steps alternate between methods (A, B, A, B, ...) so
 both see the same machine state. Prints median seconds per step and the ratio to ERM with a 95% bootstrap interval
 (rounds resampled with replacement, each round's steps kept together, so the interval carries the step-to-step
-noise of this run; it cannot carry a change of machine state between runs), then the method's own
-once-per-epoch work (for ``concept``: re-matching and reading the unlabeled stream through the graft on the epochs
-``concept.rematch_every`` makes due, averaged over four epoch starts, measured with selection tracking off, the worst
-case; with tracking on, the matching is shared with the tracking) and the ratio with that work spread over an
-epoch's steps.
+noise of this run; it cannot carry a change of machine state between runs). Then eight epoch ends and starts in a
+row, as in training: at each end the concept tracking (matching + explanation for the dominance record, on the
+epochs ``selection.track_every`` makes due; the validation accuracy is not counted), at each start the method's own
+once-per-epoch work (for ``concept``: re-matching, unless the tracking has just matched the same model, and reading
+the unlabeled stream through the graft, on the epochs ``concept.rematch_every`` makes due). Both are averaged per
+epoch; the epoch ratio spreads them over an epoch's steps and the tracking share is the tracking's part of the epoch.
 
     python tools/bench_step.py                          # erm vs concept (graft) on the default recipe
     python tools/bench_step.py --methods erm concept --steps 30 --set concept.source=clip
@@ -27,7 +28,11 @@ import torch
 
 from debias.errors import DebiasError
 from debias.recipe import load_recipe
-from debias.train.loop import Trainer
+from debias.train.loop import Trainer, _NullWriter
+
+TRACK_EPOCHS = 4
+"""Per-epoch figures are averaged over twice this many epoch ends and starts (two periods of the default
+``selection.track_every`` and ``concept.rematch_every``)."""
 
 
 def ratio_interval(base: list[float], other: list[float], level: float = 0.95, draws: int = 2000,
@@ -88,9 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             if i >= args.warmup:
                 times[m].append(time.perf_counter() - t0)
     epoch_work: dict[str, list[float]] = {m: [] for m in trainers}
-    for epoch in range(1, 5):  # four epoch starts in a row: a schedule that skips epochs is averaged over them
+    tracking: dict[str, list[float]] = {m: [] for m in trainers}
+    for m, t in trainers.items():
+        t.writer = _NullWriter()
+    for epoch in range(1, 2 * TRACK_EPOCHS + 1):  # epoch ends and starts in a row, as in training
         for m, t in trainers.items():
-            t.epoch, t.matching_step = epoch, -1  # the next epoch, with a model not matched yet (it trained)
+            t.epoch, t.step = epoch, t.step + 1  # the next epoch end, with a model not matched yet (it trained)
+            before = t.tracking_s
+            t.track()  # the concept part is timed by the trainer (validation accuracy is not counted)
+            tracking[m].append(t.tracking_s - before)
             t0 = time.perf_counter()
             t.method.on_epoch_start(epoch)
             if t.device.type == "cuda":
@@ -98,19 +109,22 @@ def main(argv: list[str] | None = None) -> int:
             epoch_work[m].append(time.perf_counter() - t0)
     base = statistics.median(times[args.methods[0]])
     spe = any_t.steps_per_epoch
-    base_epoch = base * spe + statistics.mean(epoch_work[args.methods[0]])
+    base_epoch = base * spe + statistics.mean(epoch_work[args.methods[0]]) + statistics.mean(tracking[args.methods[0]])
     r = any_t.recipe
     print(f"model {r.model.name}, batch {bs}, concept source {r.concept.source}, device {any_t.device}, "
-          f"threads {torch.get_num_threads()}, {args.steps} steps each, interleaved; {spe} steps per epoch")
+          f"threads {torch.get_num_threads()}, {args.steps} steps each, interleaved; {spe} steps per epoch; "
+          f"tracking every {r.selection.track_every} epochs "
+          f"({'on' if r.selection.track_concepts else 'off'}), per-epoch figures averaged over {2 * TRACK_EPOCHS}")
     width = max(12, *(len(m) for m in args.methods))
     print(f"{'method':<{width}} {'stream batch':>12} {'median s/step':>14} {'ratio':>7} {'95% interval':>13} "
-          f"{'per-epoch work s':>17} {'epoch ratio':>12}")
+          f"{'per-epoch work s':>17} {'tracking s':>11} {'epoch ratio':>12} {'tracking share':>15}")
     for m, t in trainers.items():
-        med, work = statistics.median(times[m]), statistics.mean(epoch_work[m])
+        med, work, track = statistics.median(times[m]), statistics.mean(epoch_work[m]), statistics.mean(tracking[m])
         stream = t.recipe.concept.unlabeled_batch_size if t.method.needs_unlabeled else "-"
         lo, hi = ratio_interval(times[args.methods[0]], times[m])
+        epoch_s = med * spe + work + track
         print(f"{m:<{width}} {stream:>12} {med:>14.4f} {med / base:>7.2f} {f'{lo:.2f}-{hi:.2f}':>13} {work:>17.3f} "
-              f"{(med * spe + work) / base_epoch:>12.2f}")
+              f"{track:>11.3f} {epoch_s / base_epoch:>12.2f} {track / epoch_s:>15.2f}")
     return 0
 
 
