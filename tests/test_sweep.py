@@ -17,6 +17,7 @@ TINY = ["train.epochs=1", "data.train_copies=1", "data.eval_copies=1", "matching
         "explain.control_draws=1", "model.name=resnet10t", "train.batch_size=32"]
 
 
+@pytest.mark.slow  # a whole-tool run of six trainings (about 55 s); the default suite keeps within 10 min
 def test_parallel_sweep_runs_compares_and_names_failures(tmp_path):
     out = tmp_path / "sweep"
     done = subprocess.run([sys.executable, "tools/sweep.py", "--methods", "erm", "--seeds", "0", "1", "--jobs", "2",
