@@ -38,8 +38,10 @@ ONE_CONCEPT_TERMS = {
          "pseudo_label": "0x1.bce5200000000p-3", "adversary": "0x1.5dd0880000000p-1"},
     ],
 }
-"""The one-concept method's loss terms, which the figures of docs/RESULTS.md rest on. Float results depend on the
-torch build and CPU kernels: with torch 2.14.1 on x86-64 they must match bit for bit; with another build, to 1e-5."""
+"""The one-concept method's loss terms, which the figures of docs/RESULTS.md rest on, recorded with torch 2.14.1 on
+a 2-core AMD EPYC. Float kernels differ in their last bits between CPUs and torch builds (an Intel Xeon differs by at
+most 2e-6 relative), so they must match to 1e-5 relative or 1e-7 absolute (the first steps' penalties are near
+1e-5); a change to the method moves them by far more."""
 
 
 def _trainer(tmp_path, recipe: str, *sets: str):
@@ -50,13 +52,12 @@ def _trainer(tmp_path, recipe: str, *sets: str):
 
 
 @pytest.mark.parametrize("recipe", sorted(ONE_CONCEPT_TERMS))
-def test_one_spurious_concept_trains_bit_for_bit_as_the_one_concept_method(tmp_path, recipe):
+def test_one_spurious_concept_trains_as_the_one_concept_method(tmp_path, recipe):
     torch.set_num_threads(2)
     t = _trainer(tmp_path, recipe, "concept.pseudo_label_start=0", "concept.pseudo_label_threshold=0.5")
     assert len(t.method.concepts) == 1 and len(t.method.adversaries) == 1
     t.epoch = 0
     t.method.on_epoch_start(0)
-    exact = torch.__version__.split("+")[0] == "2.14.1"
     for i, (images, labels, attrs) in enumerate(t.train_loader(0)):
         if i == len(ONE_CONCEPT_TERMS[recipe]):
             break
@@ -67,7 +68,7 @@ def test_one_spurious_concept_trains_bit_for_bit_as_the_one_concept_method(tmp_p
         assert terms["adversary"] == terms[f"adversary/{concept}"]
         for key, value in ONE_CONCEPT_TERMS[recipe][i].items():
             want = float.fromhex(value)
-            assert terms[key] == want if exact else terms[key] == pytest.approx(want, rel=1e-5), (i, key)
+            assert terms[key] == pytest.approx(want, rel=1e-5, abs=1e-7), (i, key)
     state = t.method.state_dict()  # the one-concept checkpoint keys, none of a further concept
     assert {"joint", "adversary", "graft_q", "graft_q_epoch"} <= set(state) and not any("/" in k for k in state)
 
