@@ -1,13 +1,17 @@
-"""``concept`` with several spurious concepts: each has its own stream predictions, MI term and adversary, all
-logged; with one spurious concept the losses are exactly those of the one-concept method."""
+"""``concept`` with several spurious concepts: each has its own stream predictions; ``combine = 'joint'`` penalises
+their joint prediction with one MI term and one adversary, ``combine = 'sum'`` each concept's own, all logged; with one
+spurious concept the losses are those of the one-concept method."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from debias.errors import DebiasError
-from debias.methods.concept import soft_mutual_information
+from debias.methods.concept import joint_rows, soft_mutual_information
 
 TINY = ["train.epochs=2", "data.train_copies=1", "data.eval_copies=1", "data.unlabeled_copies=2",
         "matching.num_images=64", "explain.control_draws=1", "train.batch_size=32", "model.name=resnet10t",
@@ -73,10 +77,71 @@ def test_one_spurious_concept_trains_as_the_one_concept_method(tmp_path, recipe)
     assert {"joint", "adversary", "graft_q", "graft_q_epoch"} <= set(state) and not any("/" in k for k in state)
 
 
-def test_every_spurious_concept_has_its_own_predictions_penalty_and_adversary(tmp_path):
-    """two_nuisances: the stream is read once per matching for both concepts; the loss adds each concept's MI and
-    adversary loss at the same weight; the method's state keeps both and restores both."""
+def test_joint_rows_is_the_per_row_outer_product():
+    a, b = torch.tensor([[0.2, 0.8], [1.0, 0.0]]), torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]])
+    j = joint_rows([a, b])
+    assert j.shape == (2, 6) and torch.allclose(j.sum(1), torch.ones(2))
+    assert torch.allclose(j.reshape(2, 2, 3), a[:, :, None] * b[:, None, :])  # the first concept varies slowest
+    assert torch.equal(joint_rows([a]), a)
+
+
+def test_a_combination_of_two_concepts_is_invisible_to_each_alone_and_seen_by_their_joint():
+    """A class that is the XOR of two independent binary concepts: each concept's own MI with it is zero, the joint's
+    is the class entropy (log 2): the failure ``combine = 'sum'`` cannot see."""
+    c1, c2 = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    y = F.one_hot(c1 ^ c2, 2).float()
+    q1, q2 = F.one_hot(c1, 2).float(), F.one_hot(c2, 2).float()
+    assert float(soft_mutual_information(y, q1)) == pytest.approx(0, abs=1e-6)
+    assert float(soft_mutual_information(y, q2)) == pytest.approx(0, abs=1e-6)
+    assert float(soft_mutual_information(y, joint_rows([q1, q2]))) == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_joint_combine_penalises_the_concepts_joint_prediction(tmp_path):
+    """two_nuisances at the default ``combine = 'joint'``: one MI term and one adversary over colour x background
+    (four values); each concept's own MI is logged as the joint's marginal; the state is the joint term's, and a
+    ``sum`` run's state is refused with the key named."""
     t = _trainer(tmp_path / "a", TWO, "concept.joint_decay=0", "concept.pseudo_label_weight=0", "concept.weight=0.5")
+    method = t.method
+    assert method.terms == ["color+background"] and len(method.adversaries) == 1
+    assert method.adversaries[0][-1].out_features == 4
+    t.epoch = 0
+    method.on_epoch_start(0)
+    qs = method.graft_qs
+    split = t.bundle.splits["train"]
+    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
+    stream_batch = t.next_unlabeled()
+    t.next_unlabeled = lambda: stream_batch
+    with torch.no_grad():
+        p = t.model(torch.cat([batch["images"], stream_batch[0]]))[16:].softmax(-1)
+    terms = method.loss_terms(batch, 0)
+    rows = [q[stream_batch[1]] for q in qs]
+    joint_mi = soft_mutual_information(p, joint_rows(rows))
+    assert float(terms["penalty"].detach()) == pytest.approx(float(joint_mi), rel=1e-4, abs=1e-7)
+    assert torch.equal(terms["penalty"], terms["penalty/mi_color+background"])
+    for concept, q in zip(("color", "background"), rows):  # the marginals: each concept's own MI, logged
+        own = float(soft_mutual_information(p, q))
+        assert float(terms[f"penalty/mi_{concept}"]) == pytest.approx(own, rel=1e-4, abs=1e-7)
+        assert float(terms["penalty"].detach()) >= own - 1e-6  # the joint's MI bounds each concept's
+    assert torch.equal(terms["adversary"], terms["adversary/color+background"])
+    total = terms["nll"] + 0.5 * terms["penalty"] + terms["adversary"]
+    assert float(terms["loss"].detach()) == pytest.approx(float(total.detach()), rel=1e-6)
+    method.cfg.joint_decay = 0.5  # one running joint, class x (colour, background)
+    method.loss_terms(batch, 0)
+    method.commit()
+    assert len(method.joints) == 1 and method.joints[0].shape == (2, 4)
+    state = method.state_dict()
+    assert {"joint/color+background", "adversary/color+background", "graft_q", "graft_q/background"} <= set(state)
+    assert "joint" not in state and "adversary" not in state
+    summed = _trainer(tmp_path / "b", TWO, "concept.combine=sum").method
+    with pytest.raises(DebiasError, match="joint/color\\+background.*concept.combine = 'joint'"):
+        method.load_state_dict(summed.state_dict() | {"joint": torch.zeros(2, 2), "joint/background": torch.zeros(2, 2)})
+
+
+def test_sum_combine_gives_every_concept_its_own_penalty_and_adversary(tmp_path):
+    """two_nuisances with ``combine = 'sum'``: the stream is read once per matching for both concepts; the loss adds
+    each concept's MI and adversary loss at the same weight; the method's state keeps both and restores both."""
+    t = _trainer(tmp_path / "a", TWO, "concept.joint_decay=0", "concept.pseudo_label_weight=0", "concept.weight=0.5",
+                 "concept.combine=sum")
     method = t.method
     assert [c.name for c in method.concepts] == ["color", "background"] and len(method.adversaries) == 2
     own = [p for g in t.optimizer.param_groups[1:] for p in g["params"]]
@@ -123,7 +188,7 @@ def test_every_spurious_concept_has_its_own_predictions_penalty_and_adversary(tm
     state = method.state_dict()
     assert {"graft_q", "graft_q/background", "adversary", "adversary/background", "joint", "joint/background"} <= set(state)
     fresh = _trainer(tmp_path / "b", TWO, "concept.joint_decay=0", "concept.pseudo_label_weight=0",
-                     "concept.weight=0.5").method
+                     "concept.weight=0.5", "concept.combine=sum").method
     fresh.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.graft_qs, qs)) and fresh.graft_q_epoch == 0
     assert all(torch.equal(a, b) for a, b in zip(fresh.joints, method.joints))
@@ -134,9 +199,10 @@ def test_every_spurious_concept_has_its_own_predictions_penalty_and_adversary(tm
         fresh.load_state_dict(partial)
 
 
-def test_both_concepts_mi_terms_are_logged(tmp_path):
-    """A tiny two_nuisances run (the recipe's [concept]: running joint, adversaries, self-training): both concepts'
-    MI and adversary terms reach TensorBoard beside the sums; the run's end (evaluation, explanation) is left out."""
+def test_the_joint_term_and_both_concepts_mi_are_logged(tmp_path):
+    """A tiny two_nuisances run (the recipe's [concept]: running joint, adversary, self-training): the joint term's
+    MI and adversary and both concepts' own MI reach TensorBoard; the run's end (evaluation, explanation) is left
+    out."""
     from debias.recipe import load_recipe
     from debias.train.loop import Trainer
 
@@ -145,15 +211,17 @@ def test_both_concepts_mi_terms_are_logged(tmp_path):
                 out, progress=False)
     t.finish = lambda train_s, stop=None: t.writer.close()  # the training loop alone
     t.fit()
-    assert len(t.method.joints) == 2 and t.method.joints[1].shape == (2, 2)  # a running joint per concept
+    assert len(t.method.joints) == 1 and t.method.joints[0].shape == (2, 4)  # one running joint, class x joint
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("train/penalty", "train/penalty/mi_color", "train/penalty/mi_background", "train/adversary",
-                "train/adversary/color", "train/adversary/background"):
+    for tag in ("train/penalty", "train/penalty/mi_color+background", "train/penalty/mi_color",
+                "train/penalty/mi_background", "train/adversary", "train/adversary/color+background"):
         assert tag in tags, tag
     total = [e.value for e in events.Scalars("train/penalty")]
-    parts = [a.value + b.value for a, b in zip(events.Scalars("train/penalty/mi_color"),
-                                               events.Scalars("train/penalty/mi_background"))]
-    assert len(total) >= 2 and total == pytest.approx(parts, rel=1e-5, abs=1e-9)
-    assert all(v >= 0 for v in parts) and any(e.value > 0 for e in events.Scalars("train/penalty/mi_background"))
+    joint = [e.value for e in events.Scalars("train/penalty/mi_color+background")]
+    assert len(total) >= 2 and total == pytest.approx(joint, rel=1e-6, abs=1e-9)
+    for concept in ("color", "background"):  # each concept's own MI: never above the joint's
+        own = [e.value for e in events.Scalars(f"train/penalty/mi_{concept}")]
+        assert all(0 <= v <= j + 1e-6 for v, j in zip(own, joint))
+    assert any(e.value > 0 for e in events.Scalars("train/penalty/mi_background"))

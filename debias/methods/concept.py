@@ -61,6 +61,13 @@ class ConceptPenaltyCfg:
     """The confidence a stream image's predicted class needs to count in self-training."""
     pseudo_label_start: float = field(default=0.5, metadata=_range(0.0, 1.0))
     """When self-training starts, as a fraction of the steps of ``train.epochs``."""
+    combine: str = field(default="joint", metadata=_choices("joint", "sum"))
+    """With several spurious concepts: ``joint`` penalises the MI between the class prediction and their joint
+    caption prediction (per stream image, the outer product of the concepts' predictions: colour x background has
+    four values), with one running joint and one adversary for that joint; ``sum`` adds each concept's own MI term
+    and adversary. The joint sees a model that follows a combination of the concepts (red on brick or green on
+    grass -> 5) that is independent of each concept alone, which no per-concept term can see. With one spurious
+    concept both are that concept's term."""
     core_weight: float = field(default=0.0, metadata=_range(0.0, None))
     """Distillation of the core concept on the stream: weight of the cross-entropy of each stream image's class
     logits against the core concept's caption prediction (one caption per class, ``concepts.core``) from the same
@@ -93,6 +100,15 @@ def mutual_information_of_joint(joint: torch.Tensor, eps: float = 1e-8) -> tuple
     return (joint * pmi).sum(), pmi
 
 
+def joint_rows(qs: list[torch.Tensor]) -> torch.Tensor:
+    """Per row, the outer product of several concepts' predictions ``(N, C1)``, ``(N, C2)``, ... flattened to
+    ``(N, C1 * C2 * ...)``, the first concept's value varying slowest: the joint prediction of the concepts."""
+    out = qs[0]
+    for q in qs[1:]:
+        out = (out[:, :, None] * q[:, None, :]).flatten(1)
+    return out
+
+
 def confident_self_training(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``logits`` (N, K) against their own detached argmax, averaged over the rows predicted with
     probability >= ``threshold`` (0 when none is); also returns how many rows counted."""
@@ -120,20 +136,22 @@ def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class ConceptPenalty(Method):
-    """Task loss + weight * the sum over the spurious concepts of the soft MI between the CNN's class prediction and
-    that concept's caption prediction on the unlabeled stream (images whose spurious attributes vary independently
-    of the label).
+    """Task loss + weight * the soft MI between the CNN's class prediction and the spurious concepts' caption
+    prediction on the unlabeled stream (images whose spurious attributes vary independently of the label).
 
-    Every spurious concept (``concepts.spurious``, in that order) has its own captions, its own caption predictions
-    of the stream, its own running joint (``joint_decay``) and, with ``adversary_weight``, its own adversary; their
-    MI terms and adversary losses are added, each at the same weight. A sum, not a mean: a concept is penalised as
-    strongly whether or not another one is named beside it, and with one concept the sum is that concept's term.
-    Self-training (``pseudo_label_weight``) reads the model's own class predictions, no concept, so it is one
-    term whatever the number of spurious concepts; core distillation (``core_weight``) reads the one core concept.
+    Every spurious concept (``concepts.spurious``, in that order) has its own captions and its own caption
+    predictions of the stream. The penalised *terms* are, with ``combine = 'joint'`` (default), one: the concepts'
+    joint prediction (``joint_rows``), named ``color+background``; with ``combine = 'sum'``, one per concept, their
+    MI terms and adversary losses added at the same weight. Each term has its own running joint (``joint_decay``)
+    and, with ``adversary_weight``, its own adversary. Self-training (``pseudo_label_weight``) reads the model's own
+    class predictions, no concept, so it is one term whatever the number of spurious concepts; core distillation
+    (``core_weight``) reads the one core concept. Each concept's own MI is logged (``penalty/mi_<concept>``) either
+    way; with ``joint`` it is the running joint's marginal, a measurement beside the penalised joint's.
 
     With one spurious concept the loss, its terms and the draws of random numbers are those of a one-concept run,
-    and so is the checkpoint state: the first concept's state has the keys ``joint``, ``adversary`` and
-    ``graft_q``; each further concept's adds ``/<concept>`` (``graft_q/background``).
+    and so is the checkpoint state: the keys ``joint``, ``adversary`` and ``graft_q``. A further concept's stream
+    prediction adds ``graft_q/<concept>``; a further term's state ``joint/<term>`` and ``adversary/<term>``
+    (``joint/background`` with ``sum``, ``joint/color+background`` with ``joint``, which has no ``joint`` key).
 
     The concept predictions are detached: they are a measurement, not a path for gradients. On biased training
     batches a spurious score is a function of the label, so the penalty is computed on the stream only.
@@ -168,6 +186,14 @@ class ConceptPenalty(Method):
         """The penalised concepts: every spurious one, in ``concepts.spurious`` order."""
         self.concept = spurious[0]
         """The first spurious concept (a one-concept run's only one)."""
+        self.combined = cfg.combine == "joint" and len(spurious) > 1
+        """Several spurious concepts penalised as one joint concept (``combine = 'joint'``)."""
+        names = [c.name for c in spurious]
+        self.terms: list[str] = ["+".join(names)] if self.combined else names
+        """The penalised terms' names: one per concept, or their joint's (``color+background``)."""
+        widths = [len(c.captions) for c in spurious]
+        self.term_widths: list[int] = [int(torch.tensor(widths).prod())] if self.combined else widths
+        """Each term's number of values (the joint's: the product of the concepts')."""
         self.core: ConceptSet | None = None
         if cfg.core_weight > 0:
             core = [c for c in ctx.concepts if c.role == "core" and c.attribute == "label"]
@@ -186,19 +212,19 @@ class ConceptPenalty(Method):
         self.graft_q_epoch = -1
         """The matching epoch ``graft_qs`` were read with."""
         self.joints: list[torch.Tensor] | None = None
-        """``joint_decay > 0``: per spurious concept, the running joint distribution of class and concept predictions
+        """``joint_decay > 0``: per term (``terms``), the running joint distribution of class and concept predictions
         on the stream."""
         self.adversaries: list[torch.nn.Module] = []
-        """``adversary_weight > 0``: one adversary per spurious concept, built in ``concepts.spurious`` order."""
+        """``adversary_weight > 0``: one adversary per term (``terms``), in that order."""
         if cfg.adversary_weight > 0:
             width = ctx.net.pre_logits_width
             self.adversaries = [torch.nn.Sequential(
                 torch.nn.Linear(width, cfg.adversary_hidden), torch.nn.ReLU(),
-                torch.nn.Linear(cfg.adversary_hidden, len(c.captions))).to(ctx.device) for c in self.concepts]
+                torch.nn.Linear(cfg.adversary_hidden, width_out)).to(ctx.device) for width_out in self.term_widths]
 
     @property
     def adversary(self) -> torch.nn.Module | None:
-        """The first spurious concept's adversary (None: ``adversary_weight = 0``)."""
+        """The first term's adversary (None: ``adversary_weight = 0``)."""
         return self.adversaries[0] if self.adversaries else None
 
     @property
@@ -208,12 +234,17 @@ class ConceptPenalty(Method):
 
     @property
     def joint(self) -> torch.Tensor | None:
-        """The first spurious concept's running joint (None: none yet)."""
+        """The first term's running joint (None: none yet)."""
         return None if self.joints is None else self.joints[0]
 
     def _key(self, key: str, i: int) -> str:
-        """A state key of spurious concept ``i``: the one-concept key for the first, ``key/<concept>`` after."""
-        return key if i == 0 else f"{key}/{self.concepts[i].name}"
+        """A state key of term ``i`` (``joint``, ``adversary``): the one-concept key for a per-concept first term,
+        ``key/<term>`` otherwise."""
+        return key if i == 0 and not self.combined else f"{key}/{self.terms[i]}"
+
+    def _q_key(self, i: int) -> str:
+        """The state key of spurious concept ``i``'s stream prediction: ``graft_q``, then ``graft_q/<concept>``."""
+        return "graft_q" if i == 0 else f"graft_q/{self.concepts[i].name}"
 
     @property
     def graft(self):
@@ -310,7 +341,7 @@ class ConceptPenalty(Method):
             state[self._key("adversary", i)] = {k: v.detach().cpu().clone() for k, v in adversary.state_dict().items()}
         if self.graft_qs is not None:
             for i, q in enumerate(self.graft_qs):
-                state[self._key("graft_q", i)] = q.clone()
+                state[self._q_key(i)] = q.clone()
             state["graft_q_epoch"] = torch.tensor(self.graft_q_epoch)
         if self.graft_core is not None:
             state["graft_core"] = self.graft_core.clone()
@@ -318,7 +349,14 @@ class ConceptPenalty(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        keys = [[self._key(k, i) for i in range(len(self.concepts))] for k in ("joint", "adversary", "graft_q")]
+        keys = [[self._key(k, i) for i in range(len(self.terms))] for k in ("joint", "adversary")]
+        keys.append([self._q_key(i) for i in range(len(self.concepts))])
+        for family, expected in zip(("joint", "adversary", "graft_q"), keys):
+            if family == "adversary" and not self.adversaries:
+                continue
+            other = [k for k in state if (k == family or k.startswith(family + "/")) and k not in expected]
+            if other:  # a term or concept this run does not have
+                self._require_every(state, expected, other[0])
         joints, adversaries, graft_qs = ([k in state for k in ks] for ks in keys)
         if any(joints):
             self._require_every(state, keys[0])
@@ -336,11 +374,13 @@ class ConceptPenalty(Method):
         # the trainer's checkpoint restored the latest matching first: shared, or the penalty's older own
         self.ctx.grafts.load_penalty_state(state)
 
-    def _require_every(self, state: dict[str, Any], keys: list[str]) -> None:
+    def _require_every(self, state: dict[str, Any], keys: list[str], extra: str | None = None) -> None:
         missing = [k for k in keys if k not in state]
-        if missing:
-            raise DebiasError(f"the checkpoint's concept state has no {missing[0]!r}: it was written for other "
-                              f"spurious concepts than concepts.spurious = {[c.name for c in self.concepts]!r}")
+        if missing or extra:
+            found = f"has no {missing[0]!r}" if missing else f"has {extra!r}, which this run does not"
+            raise DebiasError(f"the checkpoint's concept state {found}: it was written for other "
+                              f"spurious concepts than concepts.spurious = {[c.name for c in self.concepts]!r} "
+                              f"with concept.combine = {self.cfg.combine!r}")
 
     def _with_self_training(self, nll: torch.Tensor, stream_logits: torch.Tensor, step: int
                             ) -> tuple[torch.Tensor, dict]:
@@ -374,6 +414,21 @@ class ConceptPenalty(Method):
         penalty = soft_mutual_information(p_all, q_all)
         return penalty, penalty, None
 
+    @torch.no_grad()
+    def _concept_mis(self, p_all: torch.Tensor, q_all: torch.Tensor, joint: torch.Tensor | None
+                     ) -> dict[str, torch.Tensor]:
+        """Each spurious concept's own MI with the class prediction, from the joint term's distribution (the running
+        one with ``joint_decay``, else this batch's): its marginal over the other concepts."""
+        if joint is None:
+            joint = p_all.detach().T @ q_all / len(q_all)
+        cube = joint.reshape(joint.shape[0], *(len(c.captions) for c in self.concepts))
+        out = {}
+        for axis, concept in enumerate(self.concepts, start=1):
+            others = [a for a in range(1, cube.dim()) if a != axis]
+            marginal = cube.sum(others) if others else cube
+            out[f"penalty/mi_{concept.name}"] = mutual_information_of_joint(marginal)[0]
+        return out
+
     def loss_terms(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         ctx = self.ctx
         images_u, index_u = ctx.next_unlabeled()
@@ -394,15 +449,19 @@ class ConceptPenalty(Method):
         q_alls = [ctx.dist.gather_rows(q.float()) for q in qs]
         task, extra = self._with_self_training(nll, logits[n:], step)
         p_all = ctx.dist.gather_rows(logits[n:].float().softmax(-1))
+        if self.combined:  # the concepts' joint prediction is the one penalised term
+            qs, q_alls = [joint_rows([q.float() for q in qs])], [joint_rows(q_alls)]
         penalty = objective = None
         joints = []
-        for i, (concept, q_all) in enumerate(zip(self.concepts, q_alls)):
+        for i, (term, q_all) in enumerate(zip(self.terms, q_alls)):
             previous = None if self.joints is None else self.joints[i]
             mi, own_objective, joint = self._penalty(p_all, q_all, previous, x.device)
             penalty = mi if penalty is None else penalty + mi
             objective = own_objective if objective is None else objective + own_objective
             joints.append(joint)
-            extra[f"penalty/mi_{concept.name}"] = mi
+            extra[f"penalty/mi_{term}"] = mi
+        if self.combined:  # each concept's own MI: a marginal of the joint the penalty read, logged alone
+            extra.update(self._concept_mis(p_all, q_alls[0], joints[0]))
         if self.cfg.joint_decay > 0:
             self.stage(joints=joints)
         loss = task + self.cfg.weight * objective
@@ -412,10 +471,10 @@ class ConceptPenalty(Method):
         if self.adversaries:  # their own losses on this process's stream rows; the trainer averages their grads
             features = ctx.net.pre_logits(taps[ctx.net.tap_names[-1]][n:]).float()  # what the head reads
             adversary = None
-            for concept, own, q in zip(self.concepts, self.adversaries, qs):
+            for name, own, q in zip(self.terms, self.adversaries, qs):
                 term = self._adversary_loss(own, features, q.float())
                 adversary = term if adversary is None else adversary + term
-                extra[f"adversary/{concept.name}"] = term
+                extra[f"adversary/{name}"] = term
             loss, extra = loss + adversary, {**extra, "adversary": adversary}
         return {"loss": loss, "nll": nll, "penalty": penalty, **extra}
 
