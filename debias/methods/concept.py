@@ -3,6 +3,7 @@ concept's caption prediction on the unlabeled stream (the project's method), wit
 on the features, self-training and core-concept distillation on the stream."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -192,7 +193,7 @@ class ConceptPenalty(Method):
         self.terms: list[str] = ["+".join(names)] if self.combined else names
         """The penalised terms' names: one per concept, or their joint's (``color+background``)."""
         widths = [len(c.captions) for c in spurious]
-        self.term_widths: list[int] = [int(torch.tensor(widths).prod())] if self.combined else widths
+        self.term_widths: list[int] = [math.prod(widths)] if self.combined else widths
         """Each term's number of values (the joint's: the product of the concepts')."""
         self.core: ConceptSet | None = None
         if cfg.core_weight > 0:
