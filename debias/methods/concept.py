@@ -446,12 +446,12 @@ class ConceptPenalty(Method):
         qs = [q_stream[index_u].to(x.device) for q_stream in q_all_stream]
         core_q = None if core_all_stream is None else core_all_stream[index_u].to(x.device)
         nll = self.task_loss(logits[:n], batch["labels"])
+        if self.combined:  # the concepts' joint prediction is the one penalised term
+            qs = [joint_rows([q.float() for q in qs])]
         # several processes: the MI of the global unlabeled batch (rows gathered, gradients routed back)
         q_alls = [ctx.dist.gather_rows(q.float()) for q in qs]
         task, extra = self._with_self_training(nll, logits[n:], step)
         p_all = ctx.dist.gather_rows(logits[n:].float().softmax(-1))
-        if self.combined:  # the concepts' joint prediction is the one penalised term
-            qs, q_alls = [joint_rows([q.float() for q in qs])], [joint_rows(q_alls)]
         penalty = objective = None
         joints = []
         for i, (term, q_all) in enumerate(zip(self.terms, q_alls)):
