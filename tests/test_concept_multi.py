@@ -55,6 +55,18 @@ def _trainer(tmp_path, recipe: str, *sets: str):
     return Trainer(load_recipe(recipe, [*TINY, *sets]), tmp_path, progress=False)
 
 
+def _fixed_step(t):
+    """16 training images and one stream batch, which every later ``next_unlabeled`` returns again, with the
+    model's class probabilities of that stream batch (computed beside the step, as the step computes them)."""
+    split = t.bundle.splits["train"]
+    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
+    stream_batch = t.next_unlabeled()
+    t.next_unlabeled = lambda: stream_batch
+    with torch.no_grad():
+        p = t.model(torch.cat([batch["images"], stream_batch[0]]))[16:].softmax(-1)
+    return batch, stream_batch, p
+
+
 @pytest.mark.parametrize("recipe", sorted(ONE_CONCEPT_TERMS))
 def test_one_spurious_concept_trains_as_the_one_concept_method(tmp_path, recipe):
     torch.set_num_threads(2)
@@ -107,12 +119,7 @@ def test_joint_combine_penalises_the_concepts_joint_prediction(tmp_path):
     t.epoch = 0
     method.on_epoch_start(0)
     qs = method.graft_qs
-    split = t.bundle.splits["train"]
-    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
-    stream_batch = t.next_unlabeled()
-    t.next_unlabeled = lambda: stream_batch
-    with torch.no_grad():
-        p = t.model(torch.cat([batch["images"], stream_batch[0]]))[16:].softmax(-1)
+    batch, stream_batch, p = _fixed_step(t)
     terms = method.loss_terms(batch, 0)
     rows = [q[stream_batch[1]] for q in qs]
     joint_mi = soft_mutual_information(p, joint_rows(rows))
@@ -158,12 +165,7 @@ def test_sum_combine_gives_every_concept_its_own_penalty_and_adversary(tmp_path)
         for concept, q in zip(method.concepts, qs):
             assert torch.allclose(q[:8], method._softmax(emb, t.clip.encode_text(concept.captions)).cpu(), atol=1e-5)
     t.net.train()
-    split = t.bundle.splits["train"]
-    batch = {"images": split.images[:16], "labels": split.labels[:16], "attrs": split.attrs[:16]}
-    stream_batch = t.next_unlabeled()
-    t.next_unlabeled = lambda: stream_batch
-    with torch.no_grad():
-        p = t.model(torch.cat([batch["images"], stream_batch[0]]))[16:].softmax(-1)
+    batch, stream_batch, p = _fixed_step(t)
     terms = method.loss_terms(batch, 0)
     for concept, q in zip(method.concepts, qs):
         mi = soft_mutual_information(p, q[stream_batch[1]])
