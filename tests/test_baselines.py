@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 
 from debias import io
 from debias.cli import main
+from debias.compare import _oracle
 from debias.methods.augment import CROP_RATIO, crop_boxes, random_hflip, random_resized_crop, resized_crops
 from debias.methods.leace import penultimate_features
 from debias.models.standalone import StandaloneModel
@@ -141,6 +142,23 @@ def test_leace_erases_the_concept_on_the_stream_and_keeps_the_label(leace_run):
     assert m["method"] == "leace" and m["splits"]["train"]["accuracy"] > 0.9
     saved = io.load_tensors(leace_run["out"] / "model.safetensors")  # the run directory holds the erased model
     assert torch.equal(saved["net.fc.weight"], head.weight.detach().cpu())
+
+
+def test_leace_selection_picks_only_the_erased_model(leace_run):
+    """An earlier epoch's checkpoint is ERM's model before the erasure, not a leace model: every selection rule
+    picks the final (erased) model, its figures are the final ones, no ``best_*`` file is left, and no epoch of
+    the history is a best-epoch oracle candidate."""
+    m = json.loads((leace_run["out"] / "metrics.json").read_text())
+    assert set(m["selection"]) >= {"val_accuracy", "worst_group"}
+    final = {k: v for k, v in m["splits"].items() if k != "train"}
+    for rule, pick in m["selection"].items():
+        assert pick["epoch"] == 2 and pick["weights"] == "model.safetensors", rule
+        assert pick["splits"] == final, rule
+    assert not list(leace_run["out"].glob("best_*.safetensors"))
+    assert len(m["history"]) == 2 and all(row["discarded"] for row in m["history"])
+    assert _oracle(m["history"]) is None
+    # the rule's value is its figure in the last epoch's row (before the erasure)
+    assert m["selection"]["val_accuracy"]["value"] == m["history"][-1]["val_accuracy"]
 
 
 @pytest.mark.parametrize("where", ["training", "final_evaluation"])

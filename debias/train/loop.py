@@ -330,17 +330,33 @@ class Trainer:
         self.writer.add_scalar("val/worst_group_accuracy", row["val_worst_group_accuracy"], self.epoch)
         return row
 
-    def update_selection(self, row: dict[str, Any]) -> None:
-        """Keep the best checkpoint under each selection rule (ties go to the later epoch)."""
+    @staticmethod
+    def _rule_values(row: dict[str, Any]) -> dict[str, float]:
+        """Each selection rule's figure in a history row (no dominance rule where the tracking gave none)."""
         rules = {"val_accuracy": row["val_accuracy"], "worst_group": row["val_worst_group_accuracy"]}
         if "dominance_margin" in row and row["dominance_margin"] == row["dominance_margin"]:
             rules["dominance"] = row["dominance_margin"]
-        for rule, value in rules.items():
+        return rules
+
+    def update_selection(self, row: dict[str, Any]) -> None:
+        """Keep the best checkpoint under each selection rule (ties go to the later epoch)."""
+        for rule, value in self._rule_values(row).items():
             if rule not in self.best or value >= self.best[rule]["value"]:
                 self.best[rule] = {"epoch": self.epoch, "value": value}
                 # a pick of the last epoch is the final model: model.safetensors holds it (selection_weights)
                 if self.dist.is_main and self.epoch < self.total_epochs:
                     io.save_tensors(self.out / f"best_{rule}.safetensors", self.net.state_dict())
+
+    def select_post_hoc_model(self) -> None:
+        """After a post-hoc step (``leace``'s erasure) the method's model is the final one alone: an earlier epoch's
+        checkpoint is a model before that step, not one the method yields. Every selection rule picks the final
+        model (its ``value``: the rule's figure of the last epoch, read before the step), and the epochs' history
+        rows are marked ``"discarded": true`` (no best-epoch oracle among them), as JTT marks its identification
+        model's."""
+        last = self.history[-1]
+        self.best = {rule: {"epoch": self.epoch, "value": value} for rule, value in self._rule_values(last).items()}
+        for row in self.history:
+            row["discarded"] = True
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self, force: bool = False) -> dict[str, Any]:
@@ -419,6 +435,7 @@ class Trainer:
             changed = self.method.on_train_end()  # a post-hoc step on the trained model (leace)
             self.train_s += time.perf_counter() - t0
             if changed:  # what the evaluation reads is what the run directory and a resumed run hold
+                self.select_post_hoc_model()
                 self.save_checkpoint()
             return self.finish(self.train_s, stop)
 
