@@ -28,7 +28,7 @@ import torch
 
 from debias.errors import DebiasError
 from debias.recipe import load_recipe
-from debias.train.loop import Trainer, _NullWriter
+from debias.train.loop import NullWriter, Trainer
 
 TRACK_EPOCHS = 4
 """Per-epoch figures are averaged over twice this many epoch ends and starts (two periods of the default
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     epoch_work: dict[str, list[float]] = {m: [] for m in trainers}
     tracking: dict[str, list[float]] = {m: [] for m in trainers}
     for m, t in trainers.items():
-        t.writer = _NullWriter()
+        t.writer = NullWriter()
     for epoch in range(1, 2 * TRACK_EPOCHS + 1):  # epoch ends and starts in a row, as in training
         for m, t in trainers.items():
             t.epoch, t.step = epoch, t.step + 1  # the next epoch end, with a model not matched yet (it trained)

@@ -152,7 +152,7 @@ class Trainer:
         self.step_times: list[float] = []
         self.tracking_s = 0.0
         """Seconds spent in the concept tracking (matching + explanation for the dominance record)."""
-        self.writer: SummaryWriter | _NullWriter | None = None
+        self.writer: SummaryWriter | NullWriter | None = None
 
     @property
     def clip(self):
@@ -382,7 +382,7 @@ class Trainer:
             io.atomic_write_text(self.out / "recipe.toml", recipe_to_toml(r))
             self.writer = SummaryWriter(str(self.out / "tb"))
         else:
-            self.writer = _NullWriter()
+            self.writer = NullWriter()
         stop = _StopFlag()
         t0 = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch * self.total_epochs, initial=self.step, desc=f"train {r.train.method}",
@@ -689,8 +689,8 @@ class _RankShares(Sampler[list[int]]):
         return n // size + (n % size >= 2 * self.dist.world)
 
 
-class _NullWriter:
-    """TensorBoard writer of the processes other than rank 0: writes nothing."""
+class NullWriter:
+    """A TensorBoard writer that writes nothing: the processes' other than rank 0, and a benchmark's trainers."""
 
     def add_scalar(self, *args, **kwargs) -> None:
         pass
