@@ -91,8 +91,29 @@ def test_bench_step_times_settings_side_by_side_and_names_a_bad_entry():
     assert bad.returncode == 2 and "'concept@concept.bogus=1'" in bad.stderr and "bogus" in bad.stderr
 
 
+@pytest.mark.slow  # whole training runs (about 20-40 s); the default suite keeps within 10 min
+def test_bench_epoch_times_whole_runs_in_rounds_and_names_a_bad_entry():
+    """tools/bench_epoch.py: every entry trains once a round; its epoch is the run's train_s over train.epochs, the
+    ratio is taken within each round (the base's are all 1.00) and the median over rounds printed beside them."""
+    tiny = [*TINY, "concept.unlabeled_batch_size=8", "train.epochs=1"]
+    done = subprocess.run([sys.executable, "tools/bench_epoch.py", "--recipe", "recipes/colored_digits.toml",
+                           "--rounds", "2", "--methods", "erm", "concept", "--set", *tiny],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("round ") == 4 and "1 epochs, batch" in done.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"erm", "concept"}
+    assert rows["erm"][2:] == ["1.00", "1.00", "1.00"]
+    per_round = [float(x) for x in rows["concept"][3:]]
+    assert len(per_round) == 2 and min(per_round) <= float(rows["concept"][2]) <= max(per_round)
+    bad = subprocess.run([sys.executable, "tools/bench_epoch.py", "--recipe", "recipes/colored_digits.toml",
+                          "--methods", "erm", "concept@concept.bogus=1", "--set", *tiny], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'concept@concept.bogus=1'" in bad.stderr and "round" not in bad.stderr
+
+
 @pytest.mark.parametrize("tool, args, named", [
     ("bench_step.py", ["--steps", "0"], "--steps 0"),
+    ("bench_epoch.py", ["--rounds", "0"], "--rounds 0"),
     ("bench_throughput.py", ["--steps", "0"], "--steps 0"),
     ("bench_matching.py", ["--sizes", "0", "8"], "--sizes 0 8"),
     ("bench_matching.py", ["--sizes", "1"], "--sizes 1: expected counts of at least 8"),
