@@ -21,8 +21,8 @@ import tempfile
 
 import torch
 
+from bench_step import entry_recipe  # tools/, the script's own directory
 from debias.errors import DebiasError
-from debias.recipe import load_recipe
 from debias.train.loop import Trainer
 
 
@@ -39,23 +39,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--methods {' '.join(args.methods)}: an entry is repeated; give each one once")
     recipes = {}
     for entry in args.methods:  # every entry's recipe checked before the first run starts
-        method, *extra = entry.split("@")
         try:
-            recipes[entry] = load_recipe(args.recipe, args.overrides + extra + [f"train.method={method}"])
+            recipes[entry] = entry_recipe(args.recipe, entry, args.overrides)
         except DebiasError as e:
             print(f"bench_epoch: --methods entry {entry!r}: {e}", file=sys.stderr)
             return 2
-    tmp = tempfile.mkdtemp(prefix="bench_epoch.")
     epoch_s: dict[str, list[float]] = {m: [] for m in recipes}
     step_s: dict[str, list[float]] = {m: [] for m in recipes}
     for rnd in range(args.rounds):
-        for i, (entry, recipe) in enumerate(recipes.items()):
-            try:
-                t = Trainer(recipe, f"{tmp}/{rnd}_{i}", progress=False)
-                timing = t.fit()["timing"]
-            except DebiasError as e:
-                print(f"bench_epoch: --methods entry {entry!r}: {e}", file=sys.stderr)
-                return 2
+        for entry, recipe in recipes.items():
+            with tempfile.TemporaryDirectory(prefix="bench_epoch.") as tmp:  # a run's weights, gone once timed
+                try:
+                    t = Trainer(recipe, f"{tmp}/run", progress=False)
+                    timing = t.fit()["timing"]
+                except DebiasError as e:
+                    print(f"bench_epoch: --methods entry {entry!r}: {e}", file=sys.stderr)
+                    return 2
             epoch_s[entry].append(timing["train_s"] / recipe.train.epochs)
             step_s[entry].append(timing["step_s_median"])
             print(f"round {rnd + 1}/{args.rounds} {entry}: {timing['train_s']:.1f} s, "

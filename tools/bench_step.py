@@ -27,7 +27,7 @@ import time
 import torch
 
 from debias.errors import DebiasError
-from debias.recipe import load_recipe
+from debias.recipe import Recipe, load_recipe
 from debias.train.loop import NullWriter, Trainer
 
 TRACK_EPOCHS = 4
@@ -51,6 +51,13 @@ def ratio_interval(base: list[float], other: list[float], level: float = 0.95, d
     return float(lo), float(hi)
 
 
+def entry_recipe(path: str, entry: str, overrides: list[str]) -> Recipe:
+    """The recipe of one ``--methods`` entry, ``NAME`` or ``NAME@key=value@key=value``: the method, the shared
+    ``--set`` overrides, then the entry's own."""
+    method, *extra = entry.split("@")
+    return load_recipe(path, overrides + extra + [f"train.method={method}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="recipes/colored_digits.toml")
@@ -66,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.methods)) < len(args.methods):
         p.error(f"--methods {' '.join(args.methods)}: an entry is repeated; give each one once")
     for i, entry in enumerate(args.methods):
-        method, *extra = entry.split("@")
         try:
-            recipe = load_recipe(args.recipe, args.overrides + extra + [f"train.method={method}"])
-            t = Trainer(recipe, f"{tmp}/{i}_{method}", progress=False)
+            recipe = entry_recipe(args.recipe, entry, args.overrides)
+            t = Trainer(recipe, f"{tmp}/{i}_{recipe.train.method}", progress=False)
         except DebiasError as e:
             print(f"bench_step: --methods entry {entry!r}: {e}", file=sys.stderr)
             return 2
